@@ -1,0 +1,281 @@
+"""ImageDataModule: one data pipeline for every experiment (see DESIGN.md, data flow)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from lit_imgcls.data.augment import AUGMENT_PRESETS, build_train_augmentation, normalize, to_float
+from lit_imgcls.data.datasets import (
+    TORCHVISION_DATASETS,
+    ImageTensors,
+    TensorImageDataset,
+    collate_batch,
+    load_fashion_mnist,
+    load_image_folder,
+    load_torchvision,
+    load_unlabeled_folder,
+)
+from lit_imgcls.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("fashion_mnist", *TORCHVISION_DATASETS, "image_folder")
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (0-1 scale) of uint8 images (N, C, H, W), in float64 chunks."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    total_sq = torch.zeros_like(total)
+    for start in range(0, len(images), chunk):
+        x = images[start : start + chunk].to(torch.float64).div_(255)
+        total += x.sum(dim=(0, 2, 3))
+        total_sq += x.square().sum(dim=(0, 2, 3))
+    count = images.numel() / images.shape[1]
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(1e-6).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Loads a dataset once as uint8 tensors and augments whole batches on the device.
+
+    Args:
+        dataset: `fashion_mnist`, `mnist`, `cifar10`, `cifar100`, or `image_folder` (`data_dir/<class>/<image>`).
+        data_dir: download/cache folder for the built-in datasets; the training folder for `image_folder`.
+        test_dir: `image_folder` only: a folder of the same classes used by `test` (and `predict` by default).
+        predict_dir: a folder of images (any layout, no labels needed) for `predict`; default: the test split.
+        image_size: resize folder images to this square size (built-in datasets keep their size unless set).
+        channels: 1 (grayscale) or 3 (RGB); default: the dataset's own (3 for image folders).
+        val_fraction: share of the training set held out for validation, split with `split_seed`.
+        val_size: number of validation images; overrides `val_fraction`.
+        train_subset: train on a seeded random subset of this many images of the training split.
+        test_subset: evaluate `test` on the first N test images (quick checks).
+        batch_size: training batch size per device.
+        eval_batch_size: validation/test/predict batch size; default: `batch_size`.
+        num_workers: DataLoader workers; 0 is fastest for in-memory tensors.
+        augment: training augmentation preset (`none`, `basic`).
+        crop_padding: `basic` preset: zero padding before the random crop.
+        hflip: `basic` preset: random horizontal flip.
+        mean: per-channel normalization mean (0-1 scale); default: computed from the whole training set.
+        std: per-channel normalization std; default: computed from the whole training set.
+        download: fetch a missing built-in dataset with torchvision (needs internet).
+        skip_corrupt: skip undecodable image files with a warning instead of stopping.
+        split_seed: seed of the train/val split and of `train_subset`.
+    """
+
+    def __init__(
+        self,
+        dataset: Literal["fashion_mnist", "mnist", "cifar10", "cifar100", "image_folder"] = "fashion_mnist",
+        data_dir: str = "data",
+        test_dir: str | None = None,
+        predict_dir: str | None = None,
+        image_size: int | None = None,
+        channels: int | None = None,
+        val_fraction: float = 0.1,
+        val_size: int | None = None,
+        train_subset: int | None = None,
+        test_subset: int | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        augment: str = "basic",
+        crop_padding: int = 4,
+        hflip: bool = True,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        download: bool = True,
+        skip_corrupt: bool = False,
+        split_seed: int = 42,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        if channels not in (None, 1, 3):
+            raise ConfigError(f"data.channels must be 1 or 3, got {channels}")
+        for name, value in (("train_subset", train_subset), ("test_subset", test_subset)):
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{name} must be a positive number of images, got {value}")
+        if batch_size < 1:
+            raise ConfigError(f"data.batch_size must be positive, got {batch_size}")
+        self.train_set: ImageTensors | None = None
+        self.test_set: ImageTensors | None = None
+        self.predict_set: ImageTensors | None = None
+        self.train_indices = self.val_indices = torch.empty(0, dtype=torch.long)
+        if augment not in AUGMENT_PRESETS:
+            raise ConfigError(f"unknown data.augment {augment!r}: choose one of {', '.join(AUGMENT_PRESETS)}")
+        self.train_augmentation: torch.nn.Module = torch.nn.Identity()
+
+    def _load(self, train: bool) -> ImageTensors:
+        hp = self.hparams
+        if hp.dataset == "fashion_mnist":
+            data = load_fashion_mnist(hp.data_dir, train, hp.download)
+        elif hp.dataset in TORCHVISION_DATASETS:
+            data = load_torchvision(hp.dataset, hp.data_dir, train, hp.download)
+        elif hp.dataset == "image_folder":
+            folder = hp.data_dir if train else hp.test_dir
+            if folder is None:
+                raise ConfigError("dataset image_folder has no test split: set data.test_dir to a folder of images")
+            data = load_image_folder(folder, hp.channels or 3, hp.image_size, hp.skip_corrupt)
+        else:
+            raise ConfigError(f"unknown dataset {hp.dataset!r}: choose one of {', '.join(DATASETS)}")
+        return self._conform(data)
+
+    def _conform(self, data: ImageTensors) -> ImageTensors:
+        """Apply `channels` and `image_size` to a built-in dataset."""
+        hp = self.hparams
+        images = data.images
+        if hp.channels == 3 and images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1).contiguous()
+        elif hp.channels == 1 and images.shape[1] == 3:
+            weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+            images = (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+        if hp.image_size is not None and images.shape[-1] != hp.image_size:
+            resized = torch.nn.functional.interpolate(
+                images.float(), size=(hp.image_size, hp.image_size), mode="bilinear", antialias=True
+            )
+            images = resized.round().clamp(0, 255).to(torch.uint8)
+        return ImageTensors(images, data.targets, data.classes, data.sources)
+
+    def prepare_data(self) -> None:
+        """Fetch a missing built-in dataset once per node, before `setup` runs on every rank."""
+        if self.hparams.dataset != "image_folder":
+            self._load(train=True)
+            self._load(train=False)
+
+    def setup(self, stage: str) -> None:
+        if self.train_set is None:
+            self.train_set = self._load(train=True)
+            self._split()
+            self.train_augmentation = build_train_augmentation(
+                self.hparams.augment, self.image_shape[1:], self.hparams.crop_padding, self.hparams.hflip
+            )
+        if stage in ("test", "predict") and self.test_set is None and self._has_test_split():
+            self.test_set = self._load(train=False)
+            self._check_same_classes(self.test_set)
+        if stage == "predict" and self.predict_set is None:
+            hp = self.hparams
+            if hp.predict_dir is not None:
+                channels, size, _ = self.image_shape
+                folder = load_unlabeled_folder(hp.predict_dir, channels, size, hp.skip_corrupt)
+                self.predict_set = ImageTensors(folder.images, None, self.classes, folder.sources)
+            else:
+                self.predict_set = self.test_set
+
+    def _has_test_split(self) -> bool:
+        return self.hparams.dataset != "image_folder" or self.hparams.test_dir is not None
+
+    def _check_same_classes(self, data: ImageTensors) -> None:
+        if data.classes != self.classes:
+            raise ConfigError(
+                f"the test folder's classes {list(data.classes)} differ from the training classes {list(self.classes)}"
+            )
+        if data.images.shape[1:] != self.train_set.images.shape[1:]:
+            raise ConfigError(
+                f"test images are {tuple(data.images.shape[1:])} but training images {self.image_shape}: "
+                "set data.image_size so both are resized alike"
+            )
+
+    def _split(self) -> None:
+        hp = self.hparams
+        n = len(self.train_set)
+        n_val = hp.val_size if hp.val_size is not None else round(n * hp.val_fraction)
+        if not 0 <= n_val < n:
+            raise ConfigError(f"validation size {n_val} must be smaller than the {n} training images")
+        generator = torch.Generator().manual_seed(hp.split_seed)
+        permutation = torch.randperm(n, generator=generator)
+        self.val_indices = permutation[:n_val].sort().values
+        train = permutation[n_val:]
+        if hp.train_subset is not None:
+            if not 0 < hp.train_subset <= len(train):
+                raise ConfigError(f"data.train_subset={hp.train_subset} must be in 1..{len(train)}")
+            train = train[: hp.train_subset]
+        self.train_indices = train.sort().values
+        mean, std = channel_stats(self.train_set.images) if hp.mean is None or hp.std is None else (None, None)
+        self.mean = list(hp.mean) if hp.mean is not None else mean
+        self.std = list(hp.std) if hp.std is not None else std
+        if len(self.mean) != self.image_shape[0] or len(self.std) != self.image_shape[0]:
+            raise ConfigError(f"data.mean/std need {self.image_shape[0]} values, one per channel")
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self._require_setup().classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the model receives."""
+        return tuple(self._require_setup().images.shape[1:])
+
+    def _require_setup(self) -> ImageTensors:
+        if self.train_set is None:
+            raise RuntimeError("call datamodule.setup(stage) first")
+        return self.train_set
+
+    def _loader(self, dataset: TensorImageDataset, train: bool) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(
+            dataset,
+            batch_size=hp.batch_size if train else hp.eval_batch_size or hp.batch_size,
+            shuffle=train,
+            drop_last=train and len(dataset) > hp.batch_size,
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+            collate_fn=collate_batch,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(TensorImageDataset(self.train_set, self.train_indices), train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if len(self.val_indices) == 0:
+            return []
+        return self._loader(TensorImageDataset(self.train_set, self.val_indices), train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test_set is None:
+            raise ConfigError("dataset image_folder has no test split: set data.test_dir to a folder of images")
+        n = min(self.hparams.test_subset or len(self.test_set), len(self.test_set))
+        return self._loader(TensorImageDataset(self.test_set, torch.arange(n)), train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.predict_set is None:
+            raise ConfigError("nothing to predict on: set data.predict_dir (or data.test_dir for image_folder)")
+        n = len(self.predict_set)
+        if self.predict_set is self.test_set and self.hparams.test_subset is not None:
+            n = min(n, self.hparams.test_subset)
+        return self._loader(TensorImageDataset(self.predict_set, torch.arange(n)), train=False)
+
+    def source(self, index: int, stage: str = "predict") -> str:
+        """The file path (or dataset index) of image `index` of the predict or test split."""
+        data = self.predict_set if stage == "predict" else self.test_set
+        return data.source(index)
+
+    def transform_batch(self, batch: dict[str, Any], train: bool) -> dict[str, Any]:
+        """uint8 -> float, training augmentation (when `train`), normalization; runs on the batch's device."""
+        images = to_float(batch["image"])
+        if train:
+            self.train_augmentation.to(images.device)
+            images = self.train_augmentation(images)
+        return {**batch, "image": normalize(images, self.mean, self.std)}
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        trainer = self.trainer
+        train = trainer is not None and trainer.training and not trainer.sanity_checking
+        return self.transform_batch(batch, train)
+
+    def describe(self) -> str:
+        """One line for logs: dataset, split sizes, image shape."""
+        return (
+            f"{self.hparams.dataset} ({Path(self.hparams.data_dir)}): {len(self.train_indices)} train / "
+            f"{len(self.val_indices)} val images of shape {self.image_shape}, {self.num_classes} classes"
+        )

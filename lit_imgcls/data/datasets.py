@@ -1,0 +1,256 @@
+"""Datasets held as compact uint8 tensors: Fashion-MNIST, torchvision datasets, image folders."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from lit_imgcls.errors import ConfigError, DatasetNotFoundError, UserError
+
+log = logging.getLogger(__name__)
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+@dataclass
+class ImageTensors:
+    """A whole split in memory: uint8 images (N, C, H, W), int64 targets (N,) or None when unlabeled."""
+
+    images: torch.Tensor
+    targets: torch.Tensor | None
+    classes: tuple[str, ...]
+    sources: list[str] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.targets is not None and len(self.targets) != len(self.images):
+            raise ValueError(f"{len(self.images)} images but {len(self.targets)} targets")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def source(self, index: int) -> str:
+        """Where image `index` came from: its file path, or its index in the dataset."""
+        return self.sources[index] if self.sources is not None else str(index)
+
+
+class TensorImageDataset(Dataset):
+    """Serves dict samples from `ImageTensors`; `__getitems__` fetches a whole batch with one index op."""
+
+    def __init__(self, data: ImageTensors, indices: torch.Tensor | None = None) -> None:
+        self.data = data
+        self.indices = torch.arange(len(data)) if indices is None else indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.__getitems__([i])
+
+    def __getitems__(self, batch: Sequence[int]) -> dict[str, torch.Tensor]:
+        index = self.indices[torch.as_tensor(batch, dtype=torch.long)]
+        sample = {"image": self.data.images[index], "index": index}
+        if self.data.targets is not None:
+            sample["target"] = self.data.targets[index]
+        return sample
+
+
+def collate_batch(batch: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Batches from `__getitems__` arrive whole; single samples (batch_size=None users) are concatenated."""
+    if isinstance(batch, dict):
+        return batch
+    return {key: torch.cat([sample[key] for sample in batch]) for key in batch[0]}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise UserError(f"{path} is not an IDX file (bad magic number); delete it and fetch the dataset again")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    array = np.frombuffer(raw, dtype=_IDX_DTYPES[raw[2]], offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise UserError(f"{path} is truncated: header says {shape}, file holds {array.size} values")
+    return array.reshape(shape)
+
+
+def _find_idx(dirs: Sequence[Path], stem: str) -> Path | None:
+    for directory in dirs:
+        for name in (f"{stem}.gz", stem):
+            if (directory / name).is_file():
+                return directory / name
+    return None
+
+
+def load_fashion_mnist(data_dir: str | os.PathLike, train: bool, download: bool = True) -> ImageTensors:
+    """Fashion-MNIST from the Debian package, `data_dir`, or torchvision's download, in that order."""
+    prefix = "train" if train else "t10k"
+    data_dir = Path(data_dir)
+    dirs = [DEBIAN_FASHION_MNIST, data_dir, data_dir / "FashionMNIST" / "raw"]
+    image_file = _find_idx(dirs, f"{prefix}-images-idx3-ubyte")
+    label_file = _find_idx(dirs, f"{prefix}-labels-idx1-ubyte")
+    if image_file is None or label_file is None:
+        if not download:
+            raise DatasetNotFoundError(_fashion_mnist_missing(data_dir, "download is disabled (data.download=false)"))
+        _download_fashion_mnist(data_dir)
+        return load_fashion_mnist(data_dir, train, download=False)
+    images = torch.from_numpy(read_idx(image_file).copy()).unsqueeze(1)
+    targets = torch.from_numpy(read_idx(label_file).astype(np.int64))
+    return ImageTensors(images, targets, FASHION_MNIST_CLASSES)
+
+
+def _fashion_mnist_missing(data_dir: Path, reason: str) -> str:
+    return (
+        f"Fashion-MNIST not found in {DEBIAN_FASHION_MNIST} or {data_dir}, and {reason}.\n"
+        "Fix it one of two ways:\n"
+        "  1. install the Debian package: sudo apt-get install -y dataset-fashion-mnist\n"
+        f"  2. on a machine with internet, set data.download=true to fetch it with torchvision into {data_dir}"
+    )
+
+
+def _download_fashion_mnist(data_dir: Path) -> None:
+    from torchvision.datasets import FashionMNIST
+
+    try:
+        for train in (True, False):
+            FashionMNIST(str(data_dir), train=train, download=True)
+    except Exception as err:  # torchvision raises several kinds of network errors
+        raise DatasetNotFoundError(_fashion_mnist_missing(data_dir, f"the download failed ({err})")) from err
+
+
+TORCHVISION_DATASETS = ("mnist", "cifar10", "cifar100")
+
+
+def load_torchvision(name: str, data_dir: str | os.PathLike, train: bool, download: bool = True) -> ImageTensors:
+    """MNIST, CIFAR-10 or CIFAR-100 through torchvision, converted to uint8 (N, C, H, W)."""
+    from torchvision import datasets
+
+    cls = {"mnist": datasets.MNIST, "cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
+    try:
+        ds = cls(str(data_dir), train=train, download=download)
+    except Exception as err:
+        raise DatasetNotFoundError(
+            f"{name} is not in {data_dir} and could not be downloaded ({err}).\n"
+            f"Run once on a machine with internet with data.download=true, then copy {data_dir} here."
+        ) from err
+    images = torch.as_tensor(np.asarray(ds.data))
+    images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
+    return ImageTensors(images.contiguous(), torch.as_tensor(ds.targets, dtype=torch.int64), tuple(ds.classes))
+
+
+def list_image_files(root: Path) -> list[Path]:
+    """Image files under `root` (recursive), sorted so the order is the same on every machine."""
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def decode_image(path: Path, channels: int, image_size: int | None) -> np.ndarray | None:
+    """Decode with OpenCV to (H, W, C) uint8 RGB or grayscale, resized to a square `image_size`; None if unreadable."""
+    flag = cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR
+    image = cv2.imread(str(path), flag)
+    if image is None:
+        return None
+    if channels == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if image_size is not None and image.shape[:2] != (image_size, image_size):
+        image = cv2.resize(image, (image_size, image_size), interpolation=cv2.INTER_AREA)
+    return image.reshape(image.shape[0], image.shape[1], channels)
+
+
+def _decode_all(
+    files: Sequence[Path], channels: int, image_size: int | None, skip_corrupt: bool
+) -> tuple[list[np.ndarray], list[int]]:
+    images, kept = [], []
+    for i, path in enumerate(files):
+        image = decode_image(path, channels, image_size)
+        if image is None:
+            if not skip_corrupt:
+                raise UserError(
+                    f"cannot decode image {path}: the file is corrupt or not an image.\n"
+                    "Remove it, or set data.skip_corrupt=true to skip such files with a warning."
+                )
+            log.warning("skipping unreadable image %s", path)
+            continue
+        images.append(image)
+        kept.append(i)
+    return images, kept
+
+
+def _stack(images: list[np.ndarray], files: Sequence[Path], root: Path) -> torch.Tensor:
+    shapes = {image.shape for image in images}
+    if len(shapes) > 1:
+        raise ConfigError(
+            f"images under {root} have different sizes ({sorted(shapes)[:3]}...): set data.image_size to resize them"
+        )
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def load_image_folder(
+    root: str | os.PathLike, channels: int = 3, image_size: int | None = None, skip_corrupt: bool = False
+) -> ImageTensors:
+    """A labeled folder `root/<class>/<image>`; classes are the sorted sub-folder names (as torchvision's)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"image folder {root} does not exist: check data.data_dir (or data.test_dir)")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        class_files = list_image_files(root / name)
+        files += class_files
+        labels += [label] * len(class_files)
+    if not files:
+        raise UserError(
+            f"no images found in {root}: expected one sub-folder per class holding "
+            f"{'/'.join(IMAGE_EXTENSIONS)} files, e.g. {root}/cat/001.png"
+        )
+    images, kept = _decode_all(files, channels, image_size, skip_corrupt)
+    if not kept:
+        raise UserError(f"none of the {len(files)} images under {root} could be decoded")
+    return ImageTensors(
+        _stack(images, files, root),
+        torch.tensor([labels[i] for i in kept], dtype=torch.int64),
+        tuple(classes),
+        [str(files[i]) for i in kept],
+    )
+
+
+def load_unlabeled_folder(
+    root: str | os.PathLike, channels: int = 3, image_size: int | None = None, skip_corrupt: bool = False
+) -> ImageTensors:
+    """Every image under `root` (recursive), without labels; sources are the file paths."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"image folder {root} does not exist: check data.predict_dir")
+    files = list_image_files(root)
+    if not files:
+        raise UserError(f"no images ({'/'.join(IMAGE_EXTENSIONS)}) found under {root}")
+    images, kept = _decode_all(files, channels, image_size, skip_corrupt)
+    if not kept:
+        raise UserError(f"none of the {len(files)} images under {root} could be decoded")
+    return ImageTensors(_stack(images, files, root), None, (), [str(files[i]) for i in kept])

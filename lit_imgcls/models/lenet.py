@@ -1,0 +1,59 @@
+"""LeNet-5 (LeCun et al. 1998), with ReLU, max-pooling and optional BatchNorm: the one hand-written architecture."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LeNet5(nn.Module):
+    """conv5x5(6) - pool - conv5x5(16) - pool - fc120 - fc84 - fc(num_classes).
+
+    The first convolution pads by 2 so 28x28 inputs keep the paper's 32x32 geometry; an adaptive pool makes
+    any input size give the 16x5x5 feature map. `forward_features`/`forward_head`/`reset_classifier`
+    follow timm's interface so every task treats it like a timm model.
+    """
+
+    def __init__(
+        self, num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.0, batch_norm: bool = True
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_features = 84
+
+        def conv(c_in: int, c_out: int, padding: int) -> list[nn.Module]:
+            norm = [nn.BatchNorm2d(c_out)] if batch_norm else []
+            return [nn.Conv2d(c_in, c_out, 5, padding=padding, bias=not batch_norm), *norm, nn.ReLU(inplace=True)]
+
+        self.features = nn.Sequential(
+            *conv(in_chans, 6, 2),
+            nn.MaxPool2d(2),
+            *conv(6, 16, 0),
+            nn.MaxPool2d(2),
+            nn.AdaptiveMaxPool2d(5),
+            nn.Flatten(),
+            nn.Linear(16 * 5 * 5, 120),
+            nn.ReLU(inplace=True),
+            nn.Dropout(drop_rate),
+            nn.Linear(120, 84),
+            nn.ReLU(inplace=True),
+        )
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(84, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.drop(x)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes)

@@ -1,0 +1,3 @@
+from lit_imgcls.tasks.classifier import ImageClassifier
+
+__all__ = ["ImageClassifier"]

@@ -1,0 +1,68 @@
+"""Shared fixtures: real Fashion-MNIST subsets, image folders written to tmp_path, CLI runners."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import pytest
+import torch
+
+from lit_imgcls.data.datasets import DEBIAN_FASHION_MNIST, FASHION_MNIST_CLASSES, ImageTensors, load_fashion_mnist
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_FASHION_MNIST = (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file()
+needs_fashion_mnist = pytest.mark.skipif(
+    not HAS_FASHION_MNIST,
+    reason=f"Fashion-MNIST missing: apt-get install -y dataset-fashion-mnist ({DEBIAN_FASHION_MNIST})",
+)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+@pytest.fixture(scope="session")
+def fashion_test() -> ImageTensors:
+    """The 10,000 real Fashion-MNIST test images (uint8, 1x28x28)."""
+    if not HAS_FASHION_MNIST:
+        pytest.skip(f"Fashion-MNIST missing: apt-get install -y dataset-fashion-mnist ({DEBIAN_FASHION_MNIST})")
+    return load_fashion_mnist("data", train=False, download=False)
+
+
+def write_image_folder(root: Path, data: ImageTensors, per_class: int, classes: int = 3, ext: str = ".png") -> Path:
+    """Write `per_class` real images of the first `classes` classes as `root/<class>/<i><ext>`."""
+    names = [FASHION_MNIST_CLASSES[c].replace("/", "-") for c in range(classes)]
+    for label, name in enumerate(names):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        picks = (data.targets == label).nonzero().flatten()[:per_class]
+        for i, index in enumerate(picks.tolist()):
+            cv2.imwrite(str(root / name / f"{i:04d}{ext}"), data.images[index, 0].numpy())
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path, fashion_test: ImageTensors) -> Path:
+    """A 3-class ImageFolder of real Fashion-MNIST images, half PNG and half JPEG."""
+    root = tmp_path / "folder"
+    write_image_folder(root, fashion_test, per_class=20, ext=".png")
+    for path in sorted(root.rglob("*.png"))[::2]:
+        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        cv2.imwrite(str(path.with_suffix(".jpg")), image)
+        path.unlink()
+    return root
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m lit_imgcls ARGS` in `cwd` and return the finished process (stdout/stderr as text)."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "lit_imgcls", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,34 @@
+"""A 2-process CPU DDP fit + test through the CLI agrees with a 1-process test of the same checkpoint."""
+
+import pytest
+
+from tests.conftest import QUIET, REPO, needs_fashion_mnist, run_cli
+from tests.test_cli import only_run_dir, read_metrics
+
+pytestmark = [needs_fashion_mnist, pytest.mark.slow]
+CONFIG = str(REPO / "configs" / "fashion_mnist" / "lenet5.yaml")
+N_TEST = 1001  # odd, so DistributedSampler pads one image on 2 ranks
+
+
+def test_ddp_fit_and_test_match_one_process(tmp_path):
+    data = [
+        "--data.train_subset=1000",
+        "--data.val_size=500",
+        f"--data.test_subset={N_TEST}",
+        "--data.batch_size=32",
+        "--trainer.max_epochs=2",
+    ]
+    ddp = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+    fit = run_cli("fit", "--config", CONFIG, *data, *ddp, *QUIET, "--test_after_fit=true", cwd=tmp_path / "ddp")
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    ddp_run = only_run_dir(tmp_path / "ddp")
+    ddp_metrics = read_metrics(ddp_run)
+    assert ddp_metrics["test/acc"] > 0.4  # the 2-rank fit learned (32 steps; chance is 0.1)
+
+    (best,) = (ddp_run / "checkpoints").glob("best-*.ckpt")
+    single = run_cli("test", "--config", CONFIG, *data, *QUIET, f"--ckpt_path={best}", cwd=tmp_path / "single")
+    assert single.returncode == 0, single.stderr[-3000:]
+    single_acc = read_metrics(only_run_dir(tmp_path / "single"))["test/acc"]
+    padding = -N_TEST % 2
+    # each padded duplicate can move the 2-rank accuracy by at most 1 / (N + padding)
+    assert abs(ddp_metrics["test/acc"] - single_acc) <= padding / (N_TEST + padding) + 1e-6
