@@ -50,7 +50,7 @@ def test_fit_saves_config_metrics_and_best_checkpoint(fitted):
     assert config["model"]["class_path"] == "lit_imgcls.tasks.ImageClassifier"
     assert config["data"]["train_subset"] == 1000
     metrics = read_metrics(fitted)
-    assert {"train/loss_epoch", "val/acc", "val/acc_top5", "test/acc"} <= metrics.keys()
+    assert {"train/loss", "train/acc", "val/acc", "val/acc_top5", "test/acc"} <= metrics.keys()
     assert metrics["test/acc"] > 0.4  # 31 steps; chance is 0.1
     assert len(list((fitted / "checkpoints").glob("best-*.ckpt"))) == 1
     assert (fitted / "checkpoints" / "last.ckpt").is_file()

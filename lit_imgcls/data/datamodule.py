@@ -16,6 +16,7 @@ from lit_imgcls.data.datasets import (
     ImageTensors,
     TensorImageDataset,
     collate_batch,
+    ensure_fashion_mnist,
     load_fashion_mnist,
     load_image_folder,
     load_torchvision,
@@ -145,9 +146,12 @@ class ImageDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Fetch a missing built-in dataset once per node, before `setup` runs on every rank."""
-        if self.hparams.dataset != "image_folder":
-            self._load(train=True)
-            self._load(train=False)
+        hp = self.hparams
+        for train in (True, False):
+            if hp.dataset == "fashion_mnist":
+                ensure_fashion_mnist(hp.data_dir, train, hp.download)
+            elif hp.dataset in TORCHVISION_DATASETS:
+                load_torchvision(hp.dataset, hp.data_dir, train, hp.download)
 
     def setup(self, stage: str) -> None:
         if self.train_set is None:

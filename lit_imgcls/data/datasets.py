@@ -109,18 +109,24 @@ def _find_idx(dirs: Sequence[Path], stem: str) -> Path | None:
     return None
 
 
-def load_fashion_mnist(data_dir: str | os.PathLike, train: bool, download: bool = True) -> ImageTensors:
-    """Fashion-MNIST from the Debian package, `data_dir`, or torchvision's download, in that order."""
+def ensure_fashion_mnist(data_dir: str | os.PathLike, train: bool, download: bool = True) -> tuple[Path, Path]:
+    """Paths of the split's image and label IDX files: from the Debian package, `data_dir`, or a download."""
     prefix = "train" if train else "t10k"
     data_dir = Path(data_dir)
     dirs = [DEBIAN_FASHION_MNIST, data_dir, data_dir / "FashionMNIST" / "raw"]
     image_file = _find_idx(dirs, f"{prefix}-images-idx3-ubyte")
     label_file = _find_idx(dirs, f"{prefix}-labels-idx1-ubyte")
-    if image_file is None or label_file is None:
-        if not download:
-            raise DatasetNotFoundError(_fashion_mnist_missing(data_dir, "download is disabled (data.download=false)"))
-        _download_fashion_mnist(data_dir)
-        return load_fashion_mnist(data_dir, train, download=False)
+    if image_file is not None and label_file is not None:
+        return image_file, label_file
+    if not download:
+        raise DatasetNotFoundError(_fashion_mnist_missing(data_dir, "download is disabled (data.download=false)"))
+    _download_fashion_mnist(data_dir)
+    return ensure_fashion_mnist(data_dir, train, download=False)
+
+
+def load_fashion_mnist(data_dir: str | os.PathLike, train: bool, download: bool = True) -> ImageTensors:
+    """Fashion-MNIST from the Debian package, `data_dir`, or torchvision's download, in that order."""
+    image_file, label_file = ensure_fashion_mnist(data_dir, train, download)
     images = torch.from_numpy(read_idx(image_file).copy()).unsqueeze(1)
     targets = torch.from_numpy(read_idx(label_file).astype(np.int64))
     return ImageTensors(images, targets, FASHION_MNIST_CLASSES)
