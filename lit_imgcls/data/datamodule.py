@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from lit_imgcls.data.augment import AUGMENT_PRESETS, build_train_augmentation, normalize, to_float
@@ -23,8 +23,6 @@ from lit_imgcls.data.datasets import (
     load_unlabeled_folder,
 )
 from lit_imgcls.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 DATASETS = ("fashion_mnist", *TORCHVISION_DATASETS, "image_folder")
 
@@ -160,6 +158,7 @@ class ImageDataModule(pl.LightningDataModule):
             self.train_augmentation = build_train_augmentation(
                 self.hparams.augment, self.image_shape[1:], self.hparams.crop_padding, self.hparams.hflip
             )
+            rank_zero_info(self.describe())
         if stage in ("test", "predict") and self.test_set is None and self._has_test_split():
             self.test_set = self._load(train=False)
             self._check_same_classes(self.test_set)
