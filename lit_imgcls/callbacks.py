@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 class PredictionWriter(BasePredictionWriter):
     """Writes `predict` results to one CSV: index, source (file path or dataset index), target, predicted class,
-    its probability, and the top-k classes as `name:prob` joined by `|`.
+    its probability, the top-k classes as `name:prob` joined by `|`, and for k-NN the neighbours' classes.
 
     Under DDP every rank's predictions are gathered and rank 0 writes the file once, sorted by index and without
     the duplicates a distributed sampler may add.
@@ -55,17 +55,19 @@ class PredictionWriter(BasePredictionWriter):
         classes = list(getattr(datamodule, "classes", ())) or [str(k) for k in range(predictions["probs"].shape[1])]
         top_probs, top_classes = predictions["probs"].topk(min(self.top_k, len(classes)), dim=1)
         has_target = "target" in predictions
+        neighbors = predictions.get("neighbor_labels")
+        header = ["index", "source", *(["target"] if has_target else []), "predicted", "probability", "top_k"]
         with path.open("w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(
-                ["index", "source", *(["target"] if has_target else []), "predicted", "probability", "top_k"]
-            )
+            writer.writerow(header + (["neighbors"] if neighbors is not None else []))
             for row, index in enumerate(predictions["index"].tolist()):
                 source = datamodule.source(index) if hasattr(datamodule, "source") else str(index)
                 target = [_class_name(classes, predictions["target"][row])] if has_target else []
                 pairs = zip(top_classes[row].tolist(), top_probs[row].tolist(), strict=True)
                 top = "|".join(f"{classes[c]}:{p:.4f}" for c, p in pairs)
-                writer.writerow([index, source, *target, classes[top_classes[row, 0]], f"{top_probs[row, 0]:.6f}", top])
+                votes = ["|".join(classes[c] for c in neighbors[row].tolist())] if neighbors is not None else []
+                best = classes[top_classes[row, 0]]
+                writer.writerow([index, source, *target, best, f"{top_probs[row, 0]:.6f}", top, *votes])
         return path
 
 

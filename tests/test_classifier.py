@@ -83,3 +83,13 @@ def test_checkpoint_round_trip(tmp_path):
     assert loaded.hparams.label_smoothing == 0.1
     for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_fit_after_validate_on_the_same_module():
+    """validate runs under inference mode; the metric states it leaves must not break a later fit."""
+    model = ImageClassifier("lenet5")
+    dm = ImageDataModule(train_subset=128, val_size=64, batch_size=64)
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.validate(model, dm, verbose=False)
+    trainer.fit(model, dm)
+    assert "val/acc" in trainer.callback_metrics

@@ -126,6 +126,12 @@ class ImageClassifier(pl.LightningModule):
         self.log(f"{stage}/loss", self.stage_loss(stage), prog_bar=stage != "train")
         self.log_dict(self.stage_metrics(stage), prog_bar=stage != "train")
 
+    def on_fit_start(self) -> None:
+        """Fresh metric states: after a `validate` or `test` they are inference tensors that `fit` cannot update."""
+        for stage in STAGES:
+            self.stage_metrics(stage).reset()
+            self.stage_loss(stage).reset()
+
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
 
