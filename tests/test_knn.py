@@ -137,3 +137,11 @@ def test_predict_writes_neighbour_classes(tmp_path):
     assert len(rows) == 50
     neighbours = rows[0]["neighbors"].split("|")
     assert len(neighbours) == 5 and rows[0]["predicted"] in neighbours
+
+
+def test_timm_features_path():
+    dm = ImageDataModule(val_size=0, train_subset=200, test_subset=50, augment="none", batch_size=50)
+    knn = KNNClassifier(k=3, features="timm", timm_model="test_resnet", metric="cosine")
+    (result,) = quiet_trainer().test(knn, dm, verbose=False)
+    assert 0.0 <= result["test/acc"] <= 1.0
+    assert knn.bank[0].shape[0] == 200 and knn.bank[0].shape[1] == knn.backbone.num_features
