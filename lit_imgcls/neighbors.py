@@ -27,8 +27,8 @@ def _approximate_scores(
     queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor, metric: Metric
 ) -> torch.Tensor:
     """Higher is nearer: -squared distance (without the query's constant norm) or cosine similarity."""
-    dots = queries @ bank.T
-    return dots.float() if metric == "cosine" else 2 * dots.float() - bank_sq
+    scores = (queries @ bank.T).float()
+    return scores if metric == "cosine" else scores.mul_(2).sub_(bank_sq)
 
 
 def _exact_distances(queries: torch.Tensor, candidates: torch.Tensor, metric: Metric) -> torch.Tensor:
