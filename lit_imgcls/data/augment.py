@@ -59,12 +59,15 @@ class RandomChoicePerImage(nn.Module):
 
 
 class Augmentation(nn.Sequential):
-    """A sequence of Kornia ops; ops in `RGB_ONLY` see 1-channel images as 3 equal channels and return their mean."""
+    """A sequence of Kornia ops, clipped to [0, 1] at the end (rounding in resampling can overshoot by 1e-7).
+
+    Ops in `RGB_ONLY` see 1-channel images as 3 equal channels and return their mean.
+    """
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         for op in self:
             images = apply_op(op, images)
-        return images
+        return images.clamp(0.0, 1.0)
 
 
 def needs_rgb(op: nn.Module) -> bool:
@@ -110,12 +113,14 @@ def rand_augment(n: int = 2, m: float = 9, same_on_batch: bool = False) -> nn.Mo
     """RandAugment applied per image: `n` layers, each one op drawn per image, magnitudes drawn up to `m` (0..10)."""
     if n < 1 or not 0 <= m <= MAX_MAGNITUDE:
         raise ConfigError(f"RandAugment needs n >= 1 and 0 <= m <= {MAX_MAGNITUDE}, got n={n}, m={m}")
-    return Augmentation(*(RandomChoicePerImage(policy_ops(m / MAX_MAGNITUDE), same_on_batch) for _ in range(n)))
+    return Augmentation(
+        *(RandomChoicePerImage(policy_ops(m / MAX_MAGNITUDE, same_on_batch), same_on_batch) for _ in range(n))
+    )
 
 
 def trivial_augment(same_on_batch: bool = False) -> nn.Module:
     """TrivialAugment per image: one op drawn per image, its magnitude drawn uniformly up to the maximum."""
-    return Augmentation(RandomChoicePerImage(policy_ops(1.0), same_on_batch))
+    return Augmentation(RandomChoicePerImage(policy_ops(1.0, same_on_batch), same_on_batch))
 
 
 def preset_ops(
@@ -203,3 +208,9 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(shape)
     std_t = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(shape)
     return (images - mean_t) / std_t
+
+
+if __name__ == "__main__":
+    from lit_imgcls.data.preview import main
+
+    main()

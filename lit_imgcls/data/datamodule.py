@@ -75,7 +75,7 @@ class ImageDataModule(pl.LightningDataModule):
         mixup_alpha: MixUp Beta(alpha, alpha) parameter; 0 turns MixUp off.
         mix_prob: probability that a training image is mixed (CutMix or MixUp) with another of its batch.
         switch_prob: when both are on, probability that a mixed image uses CutMix rather than MixUp.
-        label_smoothing: smoothing folded into the soft training targets of the mix stage; with it set, leave
+        mix_label_smoothing: smoothing folded into the soft training targets of the mix stage; with it set, leave
             the model's `label_smoothing` at 0 (ImageClassifier refuses both).
         weak_augment: preset of the weak (teacher) view of `transform_views`.
         strong_augment: preset of the strong (student) view of `transform_views`.
@@ -112,7 +112,7 @@ class ImageDataModule(pl.LightningDataModule):
         mixup_alpha: float = 0.0,
         mix_prob: float = 1.0,
         switch_prob: float = 0.5,
-        label_smoothing: float = 0.0,
+        mix_label_smoothing: float = 0.0,
         weak_augment: str = "basic",
         strong_augment: str = "strong",
         mean: list[float] | None = None,
@@ -141,7 +141,7 @@ class ImageDataModule(pl.LightningDataModule):
             if preset not in AUGMENT_PRESETS:
                 raise ConfigError(f"unknown data.{name} {preset!r}: choose one of {', '.join(AUGMENT_PRESETS)}")
         check_ops(self.augment_ops)
-        check_mix_options(cutmix_alpha, mixup_alpha, mix_prob, switch_prob, label_smoothing)
+        check_mix_options(cutmix_alpha, mixup_alpha, mix_prob, switch_prob, mix_label_smoothing)
         self.train_augmentation: torch.nn.Module = torch.nn.Identity()
         self.weak_augmentation: torch.nn.Module = torch.nn.Identity()
         self.strong_augmentation: torch.nn.Module = torch.nn.Identity()
@@ -218,9 +218,9 @@ class ImageDataModule(pl.LightningDataModule):
         self.train_augmentation = self.build_augmentation(hp.augment, extra_ops=True)
         self.weak_augmentation = self.build_augmentation(hp.weak_augment)
         self.strong_augmentation = self.build_augmentation(hp.strong_augment)
-        if hp.cutmix_alpha > 0 or hp.mixup_alpha > 0 or hp.label_smoothing > 0:
+        if hp.cutmix_alpha > 0 or hp.mixup_alpha > 0 or hp.mix_label_smoothing > 0:
             self.mix = BatchMix(
-                self.num_classes, hp.cutmix_alpha, hp.mixup_alpha, hp.mix_prob, hp.switch_prob, hp.label_smoothing
+                self.num_classes, hp.cutmix_alpha, hp.mixup_alpha, hp.mix_prob, hp.switch_prob, hp.mix_label_smoothing
             )
 
     def _has_test_split(self) -> bool:
@@ -318,7 +318,7 @@ class ImageDataModule(pl.LightningDataModule):
     def transform_batch(self, batch: dict[str, Any], train: bool) -> dict[str, Any]:
         """uint8 -> float, training augmentation and CutMix/MixUp (when `train`), normalization, on the batch's device.
 
-        With mixing or data.label_smoothing on, training targets become distributions (N, K).
+        With mixing or data.mix_label_smoothing on, training targets become distributions (N, K).
         """
         images = to_float(batch["image"])
         out = dict(batch)

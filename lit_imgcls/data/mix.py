@@ -100,4 +100,4 @@ def check_mix_options(
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"data.{name} is a probability: set it in [0, 1], got {value}")
     if not 0.0 <= label_smoothing < 1.0:
-        raise ConfigError(f"data.label_smoothing must be in [0, 1) (0.1 is usual), got {label_smoothing}")
+        raise ConfigError(f"data.mix_label_smoothing must be in [0, 1) (0.1 is usual), got {label_smoothing}")
