@@ -30,7 +30,7 @@ def datamodule_from_config(path: str) -> ImageDataModule:
         data = (yaml.safe_load(f) or {}).get("data") or {}
     parser = ArgumentParser()
     parser.add_class_arguments(ImageDataModule, "data")
-    return parser.instantiate_classes(parser.parse_object({"data": data})).data
+    return parser.instantiate(parser.parse_object({"data": data})).data
 
 
 def preview_rows(dm: ImageDataModule, n: int) -> torch.Tensor:
