@@ -109,7 +109,7 @@ def policy_ops(level: float, same_on_batch: bool = False) -> list[nn.Module]:
     ]
 
 
-def rand_augment(n: int = 2, m: float = 9, same_on_batch: bool = False) -> nn.Module:
+def rand_augment(n: int = 2, m: int = 9, same_on_batch: bool = False) -> nn.Module:
     """RandAugment applied per image: `n` layers, each one op drawn per image, magnitudes drawn up to `m` (0..10)."""
     if n < 1 or not 0 <= m <= MAX_MAGNITUDE:
         raise ConfigError(f"RandAugment needs n >= 1 and 0 <= m <= {MAX_MAGNITUDE}, got n={n}, m={m}")
@@ -129,7 +129,7 @@ def preset_ops(
     crop_padding: int = 4,
     hflip: bool = True,
     randaugment_n: int = 2,
-    randaugment_m: float = 9,
+    randaugment_m: int = 9,
     same_on_batch: bool = False,
 ) -> list[nn.Module]:
     """The Kornia ops of a preset; `hflip` adds a horizontal flip to `basic`, `standard` and `strong`."""
@@ -180,7 +180,7 @@ def build_train_augmentation(
     hflip: bool = True,
     ops: Sequence[nn.Module] | None = None,
     randaugment_n: int = 2,
-    randaugment_m: float = 9,
+    randaugment_m: int = 9,
     same_on_batch: bool = False,
 ) -> nn.Module:
     """The training pipeline: the preset's ops, then the extra Kornia `ops`; `none` without ops is the identity.

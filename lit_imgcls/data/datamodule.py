@@ -106,7 +106,7 @@ class ImageDataModule(pl.LightningDataModule):
         crop_padding: int = 4,
         hflip: bool = True,
         randaugment_n: int = 2,
-        randaugment_m: float = 9,
+        randaugment_m: int = 9,
         same_on_batch: bool = False,
         cutmix_alpha: float = 0.0,
         mixup_alpha: float = 0.0,
@@ -208,10 +208,9 @@ class ImageDataModule(pl.LightningDataModule):
         """A training pipeline of `preset` with this module's options (and `augment_ops` when `extra_ops`)."""
         hp = self.hparams
         ops = self.augment_ops if extra_ops else None
-        return build_train_augmentation(
-            preset, self.image_shape[1:], hp.crop_padding, hp.hflip, ops, hp.randaugment_n, hp.randaugment_m,
-            hp.same_on_batch,
-        )  # fmt: skip
+        size = self.image_shape[1:]
+        options = (hp.crop_padding, hp.hflip, ops, hp.randaugment_n, hp.randaugment_m, hp.same_on_batch)
+        return build_train_augmentation(preset, size, *options)
 
     def _build_augmentation(self) -> None:
         hp = self.hparams
