@@ -111,7 +111,7 @@ def test_bad_options_name_the_fix():
     with pytest.raises(ConfigError, match="not a Kornia augmentation"):
         build_train_augmentation("none", (28, 28), ops=[nn.ReLU()])
     with pytest.raises(ConfigError, match="cutmix_alpha"):
-        ImageDataModule(augment_ops=[K.RandomCutMixV2()])
+        ImageDataModule(augment_ops=[K.RandomCutMixV2(use_correct_lambda=True)])
     with pytest.raises(ConfigError, match="RandAugment needs"):
         build_train_augmentation("randaugment", (28, 28), randaugment_m=30)
     for bad in (dict(cutmix_alpha=-1.0), dict(mix_prob=1.5), dict(switch_prob=-0.1), dict(mix_label_smoothing=1.0)):
