@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from lit_imgcls.data.augment import AUGMENT_PRESETS, build_train_augmentation, normalize, to_float
+from lit_imgcls.data.augment import AUGMENT_PRESETS, build_train_augmentation, check_ops, normalize, to_float
 from lit_imgcls.data.datasets import (
     TORCHVISION_DATASETS,
     ImageTensors,
@@ -22,6 +22,7 @@ from lit_imgcls.data.datasets import (
     load_torchvision,
     load_unlabeled_folder,
 )
+from lit_imgcls.data.mix import BatchMix, check_mix_options
 from lit_imgcls.errors import ConfigError
 
 DATASETS = ("fashion_mnist", *TORCHVISION_DATASETS, "image_folder")
@@ -58,9 +59,24 @@ class ImageDataModule(pl.LightningDataModule):
         batch_size: training batch size per device.
         eval_batch_size: validation/test/predict batch size; default: `batch_size`.
         num_workers: DataLoader workers; 0 is fastest for in-memory tensors.
-        augment: training augmentation preset (`none`, `basic`).
+        augment: training augmentation preset: `none`, `basic` (padded crop + flip), `standard` (affine, flip,
+            brightness/contrast, perspective), `randaugment`, `trivialaugment`, `strong` (flip, RandAugment,
+            random erasing). See `lit_imgcls.data.augment.build_train_augmentation`.
+        augment_ops: extra Kornia ops applied after the preset, e.g.
+            `[{class_path: kornia.augmentation.RandomRotation, init_args: {degrees: 15, p: 0.5}}]`.
         crop_padding: `basic` preset: zero padding before the random crop.
-        hflip: `basic` preset: random horizontal flip.
+        hflip: `basic`, `standard`, `strong` presets: random horizontal flip.
+        randaugment_n: RandAugment layers (ops per image) for `randaugment` and `strong`.
+        randaugment_m: RandAugment maximum magnitude, 0..10 (timm's scale).
+        same_on_batch: presets draw one set of random parameters for the whole batch instead of per image.
+        cutmix_alpha: CutMix Beta(alpha, alpha) parameter; 0 turns CutMix off.
+        mixup_alpha: MixUp Beta(alpha, alpha) parameter; 0 turns MixUp off.
+        mix_prob: probability that a training image is mixed (CutMix or MixUp) with another of its batch.
+        switch_prob: when both are on, probability that a mixed image uses CutMix rather than MixUp.
+        mix_label_smoothing: smoothing folded into the soft training targets of the mix stage; with it set, leave
+            the model's `label_smoothing` at 0 (ImageClassifier refuses both).
+        weak_augment: preset of the weak (teacher) view of `transform_views`.
+        strong_augment: preset of the strong (student) view of `transform_views`.
         mean: per-channel normalization mean (0-1 scale); default: computed from the whole training set.
         std: per-channel normalization std; default: computed from the whole training set.
         download: fetch a missing built-in dataset with torchvision (needs internet).
@@ -84,8 +100,19 @@ class ImageDataModule(pl.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         augment: str = "basic",
+        augment_ops: list[torch.nn.Module] | None = None,
         crop_padding: int = 4,
         hflip: bool = True,
+        randaugment_n: int = 2,
+        randaugment_m: int = 9,
+        same_on_batch: bool = False,
+        cutmix_alpha: float = 0.0,
+        mixup_alpha: float = 0.0,
+        mix_prob: float = 1.0,
+        switch_prob: float = 0.5,
+        mix_label_smoothing: float = 0.0,
+        weak_augment: str = "basic",
+        strong_augment: str = "strong",
         mean: list[float] | None = None,
         std: list[float] | None = None,
         download: bool = True,
@@ -93,7 +120,8 @@ class ImageDataModule(pl.LightningDataModule):
         split_seed: int = 42,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["augment_ops"])
+        self.augment_ops = list(augment_ops or [])
         if not 0.0 <= val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         if channels not in (None, 1, 3):
@@ -107,9 +135,15 @@ class ImageDataModule(pl.LightningDataModule):
         self.test_set: ImageTensors | None = None
         self.predict_set: ImageTensors | None = None
         self.train_indices = self.val_indices = torch.empty(0, dtype=torch.long)
-        if augment not in AUGMENT_PRESETS:
-            raise ConfigError(f"unknown data.augment {augment!r}: choose one of {', '.join(AUGMENT_PRESETS)}")
+        for name, preset in (("augment", augment), ("weak_augment", weak_augment), ("strong_augment", strong_augment)):
+            if preset not in AUGMENT_PRESETS:
+                raise ConfigError(f"unknown data.{name} {preset!r}: choose one of {', '.join(AUGMENT_PRESETS)}")
+        check_ops(self.augment_ops)
+        check_mix_options(cutmix_alpha, mixup_alpha, mix_prob, switch_prob, mix_label_smoothing)
         self.train_augmentation: torch.nn.Module = torch.nn.Identity()
+        self.weak_augmentation: torch.nn.Module = torch.nn.Identity()
+        self.strong_augmentation: torch.nn.Module = torch.nn.Identity()
+        self.mix: BatchMix | None = None
 
     def _load(self, train: bool) -> ImageTensors:
         hp = self.hparams
@@ -155,9 +189,7 @@ class ImageDataModule(pl.LightningDataModule):
         if self.train_set is None:
             self.train_set = self._load(train=True)
             self._split()
-            self.train_augmentation = build_train_augmentation(
-                self.hparams.augment, self.image_shape[1:], self.hparams.crop_padding, self.hparams.hflip
-            )
+            self._build_augmentation()
             rank_zero_info(self.describe())
         if stage in ("test", "predict") and self.test_set is None and self._has_test_split():
             self.test_set = self._load(train=False)
@@ -170,6 +202,24 @@ class ImageDataModule(pl.LightningDataModule):
                 self.predict_set = ImageTensors(folder.images, None, self.classes, folder.sources)
             else:
                 self.predict_set = self.test_set
+
+    def build_augmentation(self, preset: str, extra_ops: bool = False) -> torch.nn.Module:
+        """A training pipeline of `preset` with this module's options (and `augment_ops` when `extra_ops`)."""
+        hp = self.hparams
+        ops = self.augment_ops if extra_ops else None
+        size = self.image_shape[1:]
+        options = (hp.crop_padding, hp.hflip, ops, hp.randaugment_n, hp.randaugment_m, hp.same_on_batch)
+        return build_train_augmentation(preset, size, *options)
+
+    def _build_augmentation(self) -> None:
+        hp = self.hparams
+        self.train_augmentation = self.build_augmentation(hp.augment, extra_ops=True)
+        self.weak_augmentation = self.build_augmentation(hp.weak_augment)
+        self.strong_augmentation = self.build_augmentation(hp.strong_augment)
+        if hp.cutmix_alpha > 0 or hp.mixup_alpha > 0 or hp.mix_label_smoothing > 0:
+            self.mix = BatchMix(
+                self.num_classes, hp.cutmix_alpha, hp.mixup_alpha, hp.mix_prob, hp.switch_prob, hp.mix_label_smoothing
+            )
 
     def _has_test_split(self) -> bool:
         return self.hparams.dataset != "image_folder" or self.hparams.test_dir is not None
@@ -264,12 +314,29 @@ class ImageDataModule(pl.LightningDataModule):
         return data.source(index)
 
     def transform_batch(self, batch: dict[str, Any], train: bool) -> dict[str, Any]:
-        """uint8 -> float, training augmentation (when `train`), normalization; runs on the batch's device."""
+        """uint8 -> float, training augmentation and CutMix/MixUp (when `train`), normalization, on the batch's device.
+
+        With mixing or data.mix_label_smoothing on, training targets become distributions (N, K).
+        """
         images = to_float(batch["image"])
+        out = dict(batch)
         if train:
-            self.train_augmentation.to(images.device)
-            images = self.train_augmentation(images)
-        return {**batch, "image": normalize(images, self.mean, self.std)}
+            images = self.train_augmentation.to(images.device)(images)
+            if self.mix is not None and "target" in batch:
+                images, out["target"] = self.mix(images, batch["target"])
+        out["image"] = normalize(images, self.mean, self.std)
+        return out
+
+    def transform_views(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Two normalized views of unlabeled images: `image` (weak pipeline) and `image_strong` (strong pipeline)."""
+        images = to_float(batch["image"])
+        weak = self.weak_augmentation.to(images.device)(images)
+        strong = self.strong_augmentation.to(images.device)(images)
+        return {
+            **batch,
+            "image": normalize(weak, self.mean, self.std),
+            "image_strong": normalize(strong, self.mean, self.std),
+        }
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         trainer = self.trainer

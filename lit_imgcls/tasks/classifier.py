@@ -33,7 +33,9 @@ class ImageClassifier(pl.LightningModule):
         pretrained: load timm's pretrained weights (needs internet or timm's cache).
         small_input: adapt ImageNet stems to 28-32 px images (ResNet family).
         model_kwargs: extra constructor arguments, e.g. `{drop_rate: 0.2, drop_path_rate: 0.1}`.
-        label_smoothing: smoothing of the training targets (hard or soft).
+        label_smoothing: smoothing of the training targets (hard or soft). Smoothing is applied in one place only:
+            when the data's mix stage folds it into CutMix/MixUp targets (`data.mix_label_smoothing` > 0), this must
+            stay 0, and setting both is a ConfigError.
         optimizer: an `OptimizerCallable`; default `default_optimizer` (SGD, Nesterov momentum).
         lr_scheduler: an `LRSchedulerCallable` stepped per epoch; default: cosine annealing per step
             over the whole fit.
@@ -78,6 +80,12 @@ class ImageClassifier(pl.LightningModule):
                 f"model.num_classes={hp.num_classes} but the dataset has {datamodule.num_classes} classes "
                 f"({', '.join(datamodule.classes[:10])}{', ...' if datamodule.num_classes > 10 else ''}): "
                 f"set --model.init_args.num_classes={datamodule.num_classes}"
+            )
+        data_smoothing = getattr(datamodule, "hparams", {}).get("mix_label_smoothing", 0.0)
+        if data_smoothing > 0 and hp.label_smoothing > 0:
+            raise ConfigError(
+                f"label smoothing is set twice (data.mix_label_smoothing={data_smoothing}, "
+                f"model.label_smoothing={hp.label_smoothing}): set --model.init_args.label_smoothing=0"
             )
         channels = datamodule.image_shape[0]
         if channels != hp.in_chans:
