@@ -39,6 +39,50 @@ def _exact_distances(queries: torch.Tensor, candidates: torch.Tensor, metric: Me
     return (q - c).square().sum(-1).sqrt()
 
 
+class KNNIndex:
+    """A reference bank (N, D) prepared once (normalized, cast, squared norms) for repeated searches.
+
+    Distances are Euclidean, or cosine distance 1 - cos. `bf16` searches candidates in bf16 (fast on CUDA and
+    AMX/AVX512-BF16 CPUs); candidates are always re-ranked exactly in float64.
+    """
+
+    def __init__(self, bank: torch.Tensor, metric: Metric = "euclidean", bf16: bool = False) -> None:
+        self.bank, self.metric, self.bf16 = bank, metric, bf16
+        features = F.normalize(bank.float(), dim=1) if metric == "cosine" else bank.float()
+        self.search_bank = features.to(torch.bfloat16 if bf16 else torch.float32)
+        self.bank_sq = features.square().sum(1)
+
+    def __len__(self) -> int:
+        return len(self.bank)
+
+    def search(
+        self, queries: torch.Tensor, k: int, chunk_size: int = 1024, candidates: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `k` nearest bank rows of every query: (distances (Q, k) float64, indices (Q, k)), nearest first.
+
+        Ties are broken by the lower bank index.
+        """
+        if k > len(self):
+            raise ValueError(f"k={k} is larger than the reference bank ({len(self)} images): lower k")
+        n_candidates = min(len(self), candidates or (max(4 * k, k + 32) if self.bf16 else 2 * k + 8))
+        all_dist, all_idx = [], []
+        for start in range(0, len(queries), chunk_size):
+            chunk = queries[start : start + chunk_size].float()
+            chunk_f = F.normalize(chunk, dim=1) if self.metric == "cosine" else chunk
+            scores = _approximate_scores(
+                chunk_f.to(self.search_bank.dtype), self.search_bank, self.bank_sq, self.metric
+            )
+            cand = scores.topk(n_candidates, dim=1).indices
+            dist = _exact_distances(chunk, self.bank[cand], self.metric)
+            # stable sort on (distance, bank index): sort by index first, then stably by distance
+            by_index = cand.sort(dim=1)
+            dist = dist.gather(1, by_index.indices)
+            order = dist.sort(dim=1, stable=True).indices[:, :k]
+            all_dist.append(dist.gather(1, order))
+            all_idx.append(by_index.values.gather(1, order))
+        return torch.cat(all_dist), torch.cat(all_idx)
+
+
 def knn_search(
     queries: torch.Tensor,
     bank: torch.Tensor,
@@ -48,31 +92,8 @@ def knn_search(
     candidates: int | None = None,
     bf16: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `k` nearest bank rows of every query: (distances (Q, k) float64, indices (Q, k)), nearest first.
-
-    Distances are Euclidean, or cosine distance 1 - cos. Ties are broken by the lower bank index.
-    """
-    if k > len(bank):
-        raise ValueError(f"k={k} is larger than the reference bank ({len(bank)} images): lower k")
-    n_candidates = min(len(bank), candidates or (max(4 * k, k + 32) if bf16 else 2 * k + 8))
-    search_dtype = torch.bfloat16 if bf16 else torch.float32
-    bank_f = F.normalize(bank.float(), dim=1) if metric == "cosine" else bank.float()
-    bank_s = bank_f.to(search_dtype)
-    bank_sq = bank_f.square().sum(1)
-    all_dist, all_idx = [], []
-    for start in range(0, len(queries), chunk_size):
-        chunk = queries[start : start + chunk_size].float()
-        chunk_f = F.normalize(chunk, dim=1) if metric == "cosine" else chunk
-        scores = _approximate_scores(chunk_f.to(search_dtype), bank_s, bank_sq, metric)
-        cand = scores.topk(n_candidates, dim=1).indices
-        dist = _exact_distances(chunk, bank[cand], metric)
-        # stable sort on (distance, bank index): sort by index first, then stably by distance
-        by_index = cand.sort(dim=1)
-        dist = dist.gather(1, by_index.indices)
-        order = dist.sort(dim=1, stable=True).indices[:, :k]
-        all_dist.append(dist.gather(1, order))
-        all_idx.append(by_index.values.gather(1, order))
-    return torch.cat(all_dist), torch.cat(all_idx)
+    """One-off search: `KNNIndex(bank, metric, bf16).search(queries, k, chunk_size, candidates)`."""
+    return KNNIndex(bank, metric, bf16).search(queries, k, chunk_size, candidates)
 
 
 def knn_vote(

@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lit_imgcls.data.datasets import TensorImageDataset, collate_batch
 from lit_imgcls.errors import ConfigError, UserError
-from lit_imgcls.neighbors import Metric, Weights, fast_bf16_available, knn_search, knn_vote
+from lit_imgcls.neighbors import KNNIndex, Metric, Weights, fast_bf16_available, knn_search, knn_vote
 
 Extractor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -86,7 +86,8 @@ def gather_bank(
 class KNNClassifier(pl.LightningModule):
     """k nearest neighbours in the training set, on raw pixels or on the features of a trained network.
 
-    The reference bank (the training split) is built in one no-grad pass when validate/test/predict starts.
+    The reference bank (the training split) is built in one no-grad pass, and prepared once for search, when
+    validate/test/predict starts.
 
     Args:
         num_classes: number of classes of the data.
@@ -128,6 +129,7 @@ class KNNClassifier(pl.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.bank: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.index: KNNIndex | None = None
 
     def _build_backbone(self) -> nn.Module | None:
         hp = self.hparams
@@ -156,6 +158,9 @@ class KNNClassifier(pl.LightningModule):
         if self.hparams.k > len(indices):
             raise ConfigError(f"model.k={self.hparams.k} is larger than the reference bank ({len(indices)} images)")
         self.bank = gather_bank(self.extract, datamodule, indices, self)
+        hp = self.hparams
+        bf16 = hp.search_precision == "bf16" or (hp.search_precision == "auto" and fast_bf16_available(self.device))
+        self.index = KNNIndex(self.bank[0], hp.metric, bf16)
 
     def on_validation_start(self) -> None:
         self.build_bank()
@@ -170,10 +175,8 @@ class KNNClassifier(pl.LightningModule):
     def classify(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Class probabilities (N, K) and the neighbours' bank indices (N, k)."""
         hp = self.hparams
-        bank_feats, bank_labels = self.bank
-        bf16 = hp.search_precision == "bf16" or (hp.search_precision == "auto" and fast_bf16_available(self.device))
-        dist, idx = knn_search(self.extract(images), bank_feats, hp.k, hp.metric, hp.chunk_size, bf16=bf16)
-        return knn_vote(dist, bank_labels[idx], hp.num_classes, hp.weights, hp.temperature, hp.metric), idx
+        dist, idx = self.index.search(self.extract(images), hp.k, hp.chunk_size)
+        return knn_vote(dist, self.bank[1][idx], hp.num_classes, hp.weights, hp.temperature, hp.metric), idx
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.val_acc.update(self.classify(batch["image"])[0], batch["target"])
