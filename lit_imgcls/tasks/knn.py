@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -14,8 +13,9 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from lit_imgcls.data.datasets import TensorImageDataset, collate_batch
-from lit_imgcls.errors import ConfigError, UserError
+from lit_imgcls.errors import ConfigError
 from lit_imgcls.neighbors import KNNIndex, Metric, Weights, fast_bf16_available, knn_search, knn_vote
+from lit_imgcls.tasks.checkpoints import load_task_network
 
 Extractor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -28,25 +28,6 @@ def penultimate_features(net: nn.Module, name: str = "the network") -> Extractor
             "forward_features/forward_head (lenet5 and timm models have them); use features=pixels or a timm model"
         )
     return lambda images: net.forward_head(net.forward_features(images), pre_logits=True).flatten(1)
-
-
-def load_task_network(checkpoint: str) -> nn.Module:
-    """The `net` of any checkpoint written by this project's tasks."""
-    if not Path(checkpoint).is_file():
-        raise UserError(f"checkpoint {checkpoint} not found: train one first or fix the path")
-    hparams = torch.load(checkpoint, map_location="cpu", weights_only=False).get("hyper_parameters", {})
-    if "_class_path" in hparams:
-        module = pl.LightningModule.load_from_checkpoint(checkpoint, map_location="cpu")
-    else:
-        from lit_imgcls.tasks.classifier import ImageClassifier
-
-        module = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
-    net = getattr(module, "net", None)
-    if net is None:
-        raise ConfigError(
-            f"checkpoint {checkpoint} ({type(module).__name__}) has no `net` backbone to take features from"
-        )
-    return net
 
 
 @torch.no_grad()

@@ -1,0 +1,41 @@
+"""Load what a checkpoint of any task of this project holds: the task, or just its network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from lit_imgcls.errors import ConfigError, UserError
+
+
+def read_checkpoint(checkpoint: str | Path) -> dict:
+    """The raw checkpoint dict, with a clear error for a missing or unreadable file."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found: train one first or fix the path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise UserError(f"checkpoint {path} could not be read ({error}): is it a PyTorch checkpoint?") from error
+
+
+def load_task(checkpoint: str | Path) -> pl.LightningModule:
+    """The LightningModule that wrote `checkpoint` (any task of this project), on the CPU."""
+    hparams = read_checkpoint(checkpoint).get("hyper_parameters", {})
+    if "_class_path" in hparams:
+        return pl.LightningModule.load_from_checkpoint(checkpoint, map_location="cpu")
+    from lit_imgcls.tasks.classifier import ImageClassifier
+
+    return ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
+
+
+def load_task_network(checkpoint: str | Path) -> nn.Module:
+    """The `net` of any checkpoint written by this project's tasks."""
+    module = load_task(checkpoint)
+    net = getattr(module, "net", None)
+    if net is None:
+        raise ConfigError(f"checkpoint {checkpoint} ({type(module).__name__}) has no `net` network to take")
+    return net
