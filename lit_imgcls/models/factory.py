@@ -1,8 +1,9 @@
-"""create_model: one name space for the project's own architectures and timm's."""
+"""create_model: one name space for the project's own LeNet-5, torchvision's AlexNet/GoogLeNet and all of timm."""
 
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -11,8 +12,10 @@ from torch import nn
 
 from lit_imgcls.errors import ConfigError
 from lit_imgcls.models.lenet import LeNet5
+from lit_imgcls.models.small_input import adapt_to_small_input
+from lit_imgcls.models.torchvision_models import TORCHVISION_MODELS, load_torchvision_pretrained
 
-LOCAL_MODELS: dict[str, Callable[..., nn.Module]] = {"lenet5": LeNet5}
+LOCAL_MODELS: dict[str, Callable[..., nn.Module]] = {"lenet5": LeNet5, **TORCHVISION_MODELS}
 
 
 def available_models() -> list[str]:
@@ -26,36 +29,49 @@ def create_model(
     in_chans: int = 3,
     pretrained: bool = False,
     small_input: bool = False,
+    drop_rate: float | None = None,
+    drop_path_rate: float | None = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """Build `name` (`lenet5` or any timm model name) for `num_classes` classes and `in_chans` input channels.
+    """Build `name` for `num_classes` classes and `in_chans` input channels.
 
-    `small_input=True` adapts ImageNet stems to 28-32 px images (ResNet family: 3x3 stride-1 stem, no max-pool,
-    as CIFAR ResNets do). Extra keyword arguments (`drop_rate`, `drop_path_rate`, ...) go to the constructor.
+    Names: `lenet5` (this project's), `alexnet` and `googlenet` (torchvision's), or any timm name (`vgg16_bn`,
+    `resnet18`, `densenet121`, `seresnet18`, `efficientnet_b0`, ...). `pretrained=True` loads ImageNet weights
+    (timm's hub or torchvision's, downloaded on first use), with the stem adapted to `in_chans` as timm does.
+    `small_input=True` adapts ImageNet stems to 28-32 px images (see `lit_imgcls.models.small_input`).
+    `drop_rate` (dropout before the classifier) and `drop_path_rate` (stochastic depth) go to models that have
+    them; None keeps the model's default, and a model without the option is a ConfigError. Other keyword
+    arguments go to the constructor.
     """
-    if name in LOCAL_MODELS:
-        if pretrained:
-            raise ConfigError(f"{name} has no pretrained weights: set pretrained=false")
-        if small_input:
-            raise ConfigError(f"{name} is built for small images already: drop small_input")
-        return LOCAL_MODELS[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
-    if not timm.is_model(name):
+    if name not in LOCAL_MODELS and not timm.is_model(name):
         close = difflib.get_close_matches(name, available_models(), n=5, cutoff=0.6)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise ConfigError(f"unknown model {name!r}.{hint} See lit_imgcls.models.available_models() for all names.")
-    model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    for option, value in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)):
+        if value is not None:
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{option} must be in [0, 1), got {value}")
+            kwargs[option] = value
+    if pretrained and name == "lenet5":
+        raise ConfigError(f"{name} has no pretrained weights: set pretrained=false")
+    try:
+        model = build(name, num_classes, in_chans, pretrained, kwargs)
+    except TypeError as error:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+        if unknown is None:
+            raise
+        raise ConfigError(f"{name} has no option {unknown.group(1)}: remove it from the model config") from error
     if small_input:
+        if name == "lenet5":
+            raise ConfigError(f"{name} is built for small images already: drop small_input")
         adapt_to_small_input(model, name)
     return model
 
 
-def adapt_to_small_input(model: nn.Module, name: str) -> None:
-    """Replace a ResNet-style stem (7x7/2 conv + max-pool) by a 3x3/1 conv without pooling, in place."""
-    stem = getattr(model, "conv1", None)
-    if not isinstance(stem, nn.Conv2d) or not hasattr(model, "maxpool"):
-        raise ConfigError(
-            f"small_input is supported for ResNet-style models (conv1 + maxpool stem); {name} has none: "
-            "resize the images instead (data.image_size)"
-        )
-    model.conv1 = nn.Conv2d(stem.in_channels, stem.out_channels, 3, stride=1, padding=1, bias=stem.bias is not None)
-    model.maxpool = nn.Identity()
+def build(name: str, num_classes: int, in_chans: int, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    if name not in LOCAL_MODELS:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    model = LOCAL_MODELS[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if pretrained:
+        load_torchvision_pretrained(model, name)
+    return model
