@@ -31,8 +31,12 @@ class ImageClassifier(pl.LightningModule):
         num_classes: number of classes; checked against the data at the start of every run.
         in_chans: input channels (1 for Fashion-MNIST); checked against the data.
         pretrained: load timm's pretrained weights (needs internet or timm's cache).
-        small_input: adapt ImageNet stems to 28-32 px images (ResNet family).
-        model_kwargs: extra constructor arguments, e.g. `{drop_rate: 0.2, drop_path_rate: 0.1}`.
+        small_input: adapt ImageNet stems to 28-32 px images (see `lit_imgcls.models.small_input`).
+        drop_rate: dropout before the classifier; None keeps the architecture's default.
+        drop_path_rate: stochastic depth rate (ResNet, EfficientNet, ... in timm); None keeps the default.
+        model_kwargs: extra constructor arguments of the architecture, e.g. `{aux_logits: false}` for GoogLeNet.
+        aux_loss_weight: weight of each auxiliary classifier's loss while training (GoogLeNet: 0.3, as in the
+            paper); auxiliary outputs are ignored in evaluation and prediction.
         label_smoothing: smoothing of the training targets (hard or soft). Smoothing is applied in one place only:
             when the data's mix stage folds it into CutMix/MixUp targets (`data.mix_label_smoothing` > 0), this must
             stay 0, and setting both is a ConfigError.
@@ -48,7 +52,10 @@ class ImageClassifier(pl.LightningModule):
         in_chans: int = 1,
         pretrained: bool = False,
         small_input: bool = False,
+        drop_rate: float | None = None,
+        drop_path_rate: float | None = None,
         model_kwargs: dict[str, Any] | None = None,
+        aux_loss_weight: float = 0.3,
         label_smoothing: float = 0.0,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -57,7 +64,16 @@ class ImageClassifier(pl.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.optimizer_factory = optimizer or default_optimizer
         self.scheduler_factory = lr_scheduler
-        self.net = create_model(model, num_classes, in_chans, pretrained, small_input, **(model_kwargs or {}))
+        self.net = create_model(
+            model,
+            num_classes,
+            in_chans,
+            pretrained,
+            small_input,
+            drop_rate=drop_rate,
+            drop_path_rate=drop_path_rate,
+            **(model_kwargs or {}),
+        )
         metrics = MetricCollection({"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro")})
         if num_classes > 5:
             metrics.add_metrics({"acc_top5": MulticlassAccuracy(num_classes, top_k=5, average="micro")})
@@ -65,7 +81,16 @@ class ImageClassifier(pl.LightningModule):
         self.train_loss, self.val_loss, self.test_loss = (MeanMetric() for _ in STAGES)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images)
+        """Class logits (auxiliary outputs, if any, are dropped)."""
+        logits, _ = self.forward_with_aux(images)
+        return logits
+
+    def forward_with_aux(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits and the auxiliary classifiers' logits: GoogLeNet returns `(logits, aux2, aux1)` while training."""
+        out = self.net(images)
+        if isinstance(out, tuple):
+            return out[0], [aux for aux in out[1:] if aux is not None]
+        return out, []
 
     def setup(self, stage: str) -> None:
         self.check_data_matches(getattr(self.trainer, "datamodule", None))
@@ -100,9 +125,11 @@ class ImageClassifier(pl.LightningModule):
         return soft_target_cross_entropy(logits, target, smoothing)
 
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        logits = self(batch["image"])
+        logits, aux_logits = self.forward_with_aux(batch["image"])
         target = batch["target"]
         loss = self.compute_loss(logits, target)
+        for aux in aux_logits:
+            loss = loss + self.hparams.aux_loss_weight * self.compute_loss(aux, target)
         self.stage_metrics(stage).update(logits, target if target.ndim == 1 else target.argmax(dim=-1))
         self.stage_loss(stage).update(loss.detach(), weight=len(target))
         return loss
