@@ -65,10 +65,21 @@ def classifier_name(net: nn.Module) -> str:
     raise ConfigError(f"cannot find the classifier of {type(net).__name__}: it needs timm's get_classifier()")
 
 
-def head_parameter_names(net: nn.Module) -> set[str]:
-    """Names (in `net.state_dict()`) of the classifier's parameters and buffers."""
-    prefix = classifier_name(net) + "."
-    return {k for k in net.state_dict() if k.startswith(prefix)}
+def head_names(net: nn.Module, head: Sequence[str] | None = None) -> list[str]:
+    """Qualified names of the modules that form the head: `head`, else the final classifier."""
+    names = list(head) if head else [classifier_name(net)]
+    modules = dict(net.named_modules())
+    unknown = [name for name in names if not name or name not in modules]
+    if unknown:
+        shown = ", ".join(name for name in list(modules)[1:16])
+        raise ConfigError(f"model.head {unknown} names no module of {type(net).__name__}; its modules: {shown}, ...")
+    return names
+
+
+def head_parameter_names(net: nn.Module, head: Sequence[str] | None = None) -> set[str]:
+    """Names (in `net.state_dict()`) of the head's parameters and buffers."""
+    prefixes = tuple(f"{name}." for name in head_names(net, head))
+    return {k for k in net.state_dict() if k.startswith(prefixes)}
 
 
 def first_conv_name(net: nn.Module) -> str | None:
@@ -85,12 +96,14 @@ def load_weights(
     weights: Weights,
     architecture: str,
     classes: Sequence[str] | None = None,
+    head: Sequence[str] | None = None,
 ) -> bool:
     """Copy `weights` into `net` (an `architecture` built for the target classes and channels), in place.
 
     The backbone must match; a different class count, or different class names when both sides know them,
-    re-initialises the head (it keeps `net`'s fresh initialisation). A 3-channel stem on 1-channel data
-    (or the reverse) is adapted with timm's `adapt_input_conv`. Returns whether the head was re-initialised.
+    re-initialises the head (the `head` modules, default the classifier: they keep `net`'s fresh initialisation).
+    A 3-channel stem on 1-channel data (or the reverse) is adapted with timm's `adapt_input_conv`.
+    Returns whether the head was re-initialised.
     """
     if weights.architecture and weights.architecture != architecture:
         raise ConfigError(
@@ -98,16 +111,17 @@ def load_weights(
             f"set model: {weights.architecture}, or choose a {architecture} checkpoint"
         )
     target = net.state_dict()
-    head = head_parameter_names(net)
+    head_keys = head_parameter_names(net, head)
     source = dict(weights.state_dict)
     stem = first_conv_name(net)
     if stem in source and source[stem].ndim == 4 and source[stem].shape[1] != target[stem].shape[1]:
         source[stem] = adapt_input_conv(target[stem].shape[1], source[stem], base_chans=source[stem].shape[1])
-    backbone_missing = sorted(k for k in target.keys() - source.keys() if k not in head)
-    unexpected = sorted(k for k in source.keys() - target.keys() if k not in head)
-    wrong_shape = sorted(k for k in target.keys() & source.keys() - head if source[k].shape != target[k].shape)
+    backbone_missing = sorted(k for k in target.keys() - source.keys() if k not in head_keys)
+    unexpected = sorted(k for k in source.keys() - target.keys() if k not in head_keys)
+    wrong_shape = sorted(k for k in target.keys() & source.keys() - head_keys if source[k].shape != target[k].shape)
     if backbone_missing or unexpected or wrong_shape:
-        described = f"a {weights.architecture} network" if weights.architecture else "a state dict"
+        first = ", ".join(list(source)[:3])
+        described = weights.architecture or f"a state dict of {len(source)} tensors: {first}, ..."
         details = "; ".join(
             f"{label}: {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''} ({len(keys)})"
             for label, keys in (("missing", backbone_missing), ("unexpected", unexpected), ("shape", wrong_shape))
@@ -117,17 +131,17 @@ def load_weights(
             f"{weights.path} ({described}) does not fit the model {architecture}: {details}. "
             "Set the model to the architecture that wrote the weights"
         )
-    head_fits = all(k in source and source[k].shape == target[k].shape for k in head)
+    head_fits = all(k in source and source[k].shape == target[k].shape for k in head_keys)
     same_names = classes is None or weights.classes is None or tuple(classes) == tuple(weights.classes)
     reinit = not (head_fits and same_names)
-    state = {k: v for k, v in source.items() if k in target and not (reinit and k in head)}
+    state = {k: v for k, v in source.items() if k in target and not (reinit and k in head_keys)}
     net.load_state_dict(state, strict=False)
-    name = classifier_name(net)
+    name = ", ".join(head_names(net, head))
     if reinit:
-        target_count = next((v.shape[0] for k, v in target.items() if k in head and v.ndim >= 1), "?")
+        logits = f"{classifier_name(net)}.weight"
         rank_zero_info(
-            f"{weights.path}: backbone loaded, head {name} re-initialised for {target_count} classes"
-            f"{_names(classes)} (the weights' head: {_describe_classes(weights, source, head)})"
+            f"{weights.path}: backbone loaded, head {name} re-initialised for {target[logits].shape[0]} classes"
+            f"{_names(classes)} (the weights' classifier: {_describe_classes(weights, source.get(logits))})"
         )
     else:
         rank_zero_info(f"{weights.path}: backbone and head {name} loaded")
@@ -140,8 +154,7 @@ def _names(classes: Sequence[str] | None) -> str:
     return f" ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})"
 
 
-def _describe_classes(weights: Weights, source: dict[str, torch.Tensor], head: set[str]) -> str:
+def _describe_classes(weights: Weights, logits: torch.Tensor | None) -> str:
     if weights.classes is not None:
         return f"{len(weights.classes)} classes{_names(weights.classes)}"
-    counts = {source[k].shape[0] for k in head if k in source and source[k].ndim >= 1}
-    return f"{counts.pop()} outputs" if len(counts) == 1 else "none that fits"
+    return f"{logits.shape[0]} outputs" if logits is not None else "none"

@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lit_imgcls.errors import ConfigError
 from lit_imgcls.losses import soft_target_cross_entropy
 from lit_imgcls.models import create_model
-from lit_imgcls.models.weights import CLASSES_KEY, classifier_name, head_parameter_names, load_weights, read_weights
+from lit_imgcls.models.weights import CLASSES_KEY, head_names, head_parameter_names, load_weights, read_weights
 
 STAGES = ("train", "val", "test")
 FINETUNE_MODES = ("none", "linear_probe", "full", "gradual")
@@ -34,18 +34,6 @@ class ImageClassifier(pl.LightningModule):
         num_classes: number of classes; checked against the data at the start of every run.
         in_chans: input channels (1 for Fashion-MNIST); checked against the data.
         pretrained: load timm's pretrained weights (needs internet or timm's cache).
-        pretrained_checkpoint: a local file to start from: a timm/torchvision state dict (`.pth`, `.safetensors`),
-            a timm training checkpoint, or any checkpoint of this project's tasks (its `net`). Loaded when `fit`
-            starts (so a fine-tuned checkpoint loads without this file); the backbone must match `model`; the head
-            is re-initialised (one log line) when the class count or the class names differ; a 3-channel stem is
-            adapted to 1-channel data and back as timm's `in_chans` does.
-        finetune: which parameters train. `none`: all, at the optimizer's lr, in one group (plain training).
-            `linear_probe`: only the classifier head; the backbone's parameters and BatchNorm statistics stay
-            exactly as loaded. `full`: all, the head at lr and the backbone at lr * `backbone_lr_scale` (two
-            parameter groups, `head` and `backbone`, as LearningRateMonitor logs them). `gradual`: like
-            `linear_probe` until epoch `unfreeze_epoch`, then like `full`.
-        backbone_lr_scale: the backbone's learning rate as a fraction of the head's (`full`, `gradual`).
-        unfreeze_epoch: `gradual`: the epoch (0-based) at which the backbone starts training.
         small_input: adapt ImageNet stems to 28-32 px images (ResNet family).
         model_kwargs: extra constructor arguments, e.g. `{drop_rate: 0.2, drop_path_rate: 0.1}`.
         label_smoothing: smoothing of the training targets (hard or soft). Smoothing is applied in one place only:
@@ -54,6 +42,22 @@ class ImageClassifier(pl.LightningModule):
         optimizer: an `OptimizerCallable`; default `default_optimizer` (SGD, Nesterov momentum).
         lr_scheduler: an `LRSchedulerCallable` stepped per epoch; default: cosine annealing per step
             over the whole fit.
+        pretrained_checkpoint: a local file to start from: a timm/torchvision state dict (`.pth`, `.safetensors`),
+            a timm training checkpoint, or any checkpoint of this project's tasks (its `net`). Loaded when `fit`
+            starts (so a fine-tuned checkpoint loads without this file); the backbone must match `model`; the head
+            is re-initialised (one log line) when the class count or the class names differ; a 3-channel stem is
+            adapted to 1-channel data and back as timm's `in_chans` does.
+        finetune: which parameters train. `none`: all, at the optimizer's lr, in one group (plain training).
+            `linear_probe`: only the head (see `head`); the backbone's parameters and BatchNorm statistics stay
+            exactly as loaded. `full`: all, the head at lr and the backbone at lr * `backbone_lr_scale` (two
+            parameter groups, `head` and `backbone`, as LearningRateMonitor logs them). `gradual`: like
+            `linear_probe` until epoch `unfreeze_epoch`, then like `full`.
+        head: the modules (qualified names in the network) that form the head: re-initialised together when the
+            classes differ, the only ones `linear_probe` trains, at the full lr in `full`/`gradual`. Default: the
+            final classifier (timm's `get_classifier()`). LeNet-5's fully connected block is
+            `[features.10, features.13, fc]` (its conv features transfer better than its last layers).
+        backbone_lr_scale: the backbone's learning rate as a fraction of the head's (`full`, `gradual`).
+        unfreeze_epoch: `gradual`: the epoch (0-based) at which the backbone starts training.
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class ImageClassifier(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         pretrained_checkpoint: str | None = None,
         finetune: Literal["none", "linear_probe", "full", "gradual"] = "none",
+        head: list[str] | None = None,
         backbone_lr_scale: float = 0.1,
         unfreeze_epoch: int = 1,
     ) -> None:
@@ -219,7 +224,7 @@ class ImageClassifier(pl.LightningModule):
         if self.hparams.pretrained_checkpoint is None or self.pretrained_loaded:
             return
         weights = read_weights(self.hparams.pretrained_checkpoint)
-        load_weights(self.net, weights, self.hparams.model, classes)
+        load_weights(self.net, weights, self.hparams.model, classes, self.hparams.head)
         self.pretrained_loaded = True
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -234,7 +239,7 @@ class ImageClassifier(pl.LightningModule):
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Every parameter of the network except its classifier head's."""
-        head = head_parameter_names(self.net)
+        head = head_parameter_names(self.net, self.hparams.head)
         return [p for name, p in self.net.named_parameters() if name not in head]
 
     def parameter_groups(self) -> list[nn.Parameter] | list[dict[str, Any]]:
@@ -260,7 +265,8 @@ class ImageClassifier(pl.LightningModule):
 
     def _set_backbone_norm_mode(self) -> None:
         """Backbone layers with running statistics: eval while the backbone is frozen, else the module's mode."""
-        head = {id(m) for m in self.net.get_submodule(classifier_name(self.net)).modules()}
+        names = head_names(self.net, self.hparams.head)
+        head = {id(m) for name in names for m in self.net.get_submodule(name).modules()}
         for module in self.net.modules():
             if getattr(module, "track_running_stats", False) and id(module) not in head:
                 module.train(self.training and not self.backbone_frozen)
