@@ -2,6 +2,7 @@
 full fine-tuning with two learning rates, gradual unfreezing, the transfer configs and DDP, on tiny real subsets."""
 
 import logging
+import os
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -236,10 +237,18 @@ def test_cli_linear_probe_config_and_checkpoint_without_the_pretrained_file(pret
     assert torch.equal(model.net.fc.weight, checkpoint_net(last)["fc.weight"])
 
 
+class RankWeights(Callback):
+    """Saves each rank's final parameters as rank_<r>.pt in the working directory (for the DDP test)."""
+
+    def on_train_end(self, trainer: pl.Trainer, module: ImageClassifier) -> None:
+        torch.save(dict(module.net.named_parameters()), Path.cwd() / f"rank_{trainer.global_rank}.pt")
+
+
 @pytest.mark.slow
-def test_ddp_gradual_matches_one_process(pretrained, tmp_path):
-    """2-process gradual unfreezing: after the backbone unfreezes both ranks must still hold the same weights,
-    so the 2-rank validation accuracy of the last epoch equals a 1-process validation of rank 0's last.ckpt."""
+def test_ddp_gradual_matches_one_process(pretrained, tmp_path, monkeypatch):
+    """2-process gradual unfreezing: the backbone, unfrozen at epoch 1, trains in sync on both ranks (identical
+    parameters at the end), and the 2-rank validation accuracy equals a 1-process validation of last.ckpt."""
+    monkeypatch.setenv("PYTHONPATH", f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")  # for RankWeights
     config = REPO / "configs" / "transfer" / "gradual.yaml"
     data = {"train_subset": 200, "val_size": 100, "batch_size": 25}  # val 100: no DistributedSampler padding
     args = [
@@ -250,10 +259,13 @@ def test_ddp_gradual_matches_one_process(pretrained, tmp_path):
         *QUIET,
     ]
     ddp = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+    ddp.append("--trainer.callbacks+=tests.test_transfer.RankWeights")
     fit = run_cli("fit", "--config", str(config), *args, *ddp, cwd=tmp_path)
     assert fit.returncode == 0, fit.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs" / "transfer_gradual").glob("version_*")
     last = run_dir / "checkpoints" / "last.ckpt"
     assert not torch.equal(checkpoint_net(last)["features.0.weight"], checkpoint_net(pretrained)["features.0.weight"])
+    rank0, rank1 = (torch.load(tmp_path / f"rank_{r}.pt") for r in (0, 1))
+    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
     (single,) = quiet_trainer().validate(ImageClassifier.load_from_checkpoint(last), config_datamodule(config, **data))
     assert single["val/acc"] == read_metrics(run_dir)["val/acc"]
