@@ -1,12 +1,15 @@
 """Few-label transfer on Fashion-MNIST: pre-train LeNet-5 on classes 0-4 (all their 30,000 training images), then
 learn classes 5-9 from 10 and from 100 labelled training images per class, four ways at the same budget
 (same optimizer, steps, batch size and augmentation): from scratch, linear probe, full fine-tuning (backbone at
-0.1 x lr) and gradual unfreezing (head only for the first half, then full). Test accuracy is on all 5,000 test
-images of classes 5-9, averaged over seeds (each seed draws its own labelled images and head initialisation).
+0.1 x lr) and gradual unfreezing (head only for the first half, then full). The head, re-initialised and trained
+by the probe, is LeNet-5's fully connected block (`--head mlp`) or only its last layer (`--head fc`). Test
+accuracy is on all 5,000 test images of classes 5-9, averaged over seeds (each seed draws its own labelled images
+and head initialisation).
 
 Prints one JSON line: {"10": {"scratch": acc, "linear_probe": acc, "full": acc, "gradual": acc}, "100": {...}, ...}
 
-    python benchmarks/transfer_fashion_mnist.py [--seeds 3] [--steps 300] [--pretrain-epochs 8] [--pretrained CKPT]
+    python benchmarks/transfer_fashion_mnist.py [--seeds 3] [--steps 300] [--pretrain-epochs 8] [--head mlp|fc]
+        [--pretrained CKPT]
 
 The pre-trained checkpoint is written to checkpoints/transfer_lenet5_classes_0-4.ckpt; `--pretrained` reuses one.
 """
@@ -29,7 +32,10 @@ from lit_imgcls.tasks import ImageClassifier
 
 SOURCE, TARGET = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
 MODES = ("scratch", "linear_probe", "full", "gradual")
-HEAD = ["features.10", "features.13", "fc"]  # LeNet-5's fully connected block: re-initialised, trained by the probe
+HEADS = {  # what is re-initialised and trained by the probe: LeNet-5's fully connected block, or its last layer only
+    "mlp": ["features.10", "features.13", "fc"],
+    "fc": ["fc"],
+}
 DATA = {"dataset": "fashion_mnist", "augment": "basic", "crop_padding": 0, "hflip": True, "download": False}
 
 
@@ -72,7 +78,7 @@ def few_labels(per_class: int, seed: int, mean: list[float], std: list[float]) -
     return dm
 
 
-def transfer(mode: str, per_class: int, seed: int, steps: int, checkpoint: Path, norm: tuple) -> float:
+def transfer(mode: str, per_class: int, seed: int, steps: int, checkpoint: Path, norm: tuple, head: str) -> float:
     dm = few_labels(per_class, seed, *norm)
     epochs = math.ceil(steps / max(1, len(dm.train_indices) // dm.hparams.batch_size))
     pl.seed_everything(seed)
@@ -80,7 +86,7 @@ def transfer(mode: str, per_class: int, seed: int, steps: int, checkpoint: Path,
     model = ImageClassifier(
         "lenet5",
         num_classes=len(TARGET),
-        head=HEAD,
+        head=HEADS[head],
         backbone_lr_scale=0.1,
         unfreeze_epoch=epochs // 2,
         **transfer_args,
@@ -98,6 +104,7 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=8)
     parser.add_argument("--pretrained", type=Path, help="reuse the checkpoint of an earlier pre-training run")
     parser.add_argument("--labels", type=int, nargs="+", default=[10, 100], help="labelled images per class")
+    parser.add_argument("--head", choices=sorted(HEADS), default="mlp", help="the layers transfer re-initialises")
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     start = time.perf_counter()
@@ -109,10 +116,13 @@ def main() -> None:
         source.setup("fit")
         norm = (source.mean, source.std)
     pretrain_s = time.perf_counter() - start
-    result: dict = {"benchmark": "transfer_fashion_mnist", "model": "lenet5"}
+    result: dict = {"benchmark": "transfer_fashion_mnist", "model": "lenet5", "head": HEADS[args.head]}
     spread: dict = {}
     for per_class in args.labels:
-        accs = {m: [transfer(m, per_class, s, args.steps, checkpoint, norm) for s in range(args.seeds)] for m in MODES}
+        runs = [(m, s) for m in MODES for s in range(args.seeds)]
+        accs = {m: [] for m in MODES}
+        for mode, seed in runs:
+            accs[mode].append(transfer(mode, per_class, seed, args.steps, checkpoint, norm, args.head))
         result[str(per_class)] = {m: round(statistics.mean(a), 4) for m, a in accs.items()}
         spread[str(per_class)] = {m: round(statistics.pstdev(a), 4) for m, a in accs.items()}
         print(f"{per_class} labels/class: {accs}", flush=True)

@@ -13,6 +13,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 
+from lit_imgcls.cli import main
 from lit_imgcls.data import ImageDataModule
 from lit_imgcls.data.datasets import select_classes
 from lit_imgcls.errors import ConfigError, UserError
@@ -207,6 +208,16 @@ def test_finetune_options_are_checked():
         ImageClassifier(finetune="full", backbone_lr_scale=0)
     with pytest.raises(ConfigError, match="unfreeze_epoch"):
         ImageClassifier(finetune="gradual", unfreeze_epoch=-1)
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs" / "transfer").glob("*.yaml")), ids=lambda p: p.stem)
+def test_transfer_configs_parse(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert not exit_info.value.code
+    printed = yaml.safe_load(capsys.readouterr().out)
+    finetune = printed["model"]["init_args"]["finetune"]
+    assert finetune == ("none" if config.stem.startswith("pretrain") else config.stem)
 
 
 TINY = ["--data.train_subset=200", "--data.val_size=100", "--data.test_subset=200", "--trainer.max_epochs=2", *QUIET]

@@ -238,7 +238,7 @@ class ImageClassifier(pl.LightningModule):
         self.pretrained_loaded = True
 
     def backbone_parameters(self) -> list[nn.Parameter]:
-        """Every parameter of the network except its classifier head's."""
+        """Every parameter of the network except the head's (see `head`)."""
         head = head_parameter_names(self.net, self.hparams.head)
         return [p for name, p in self.net.named_parameters() if name not in head]
 
