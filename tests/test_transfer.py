@@ -3,6 +3,7 @@ full fine-tuning with two learning rates, gradual unfreezing, the transfer confi
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -211,7 +212,8 @@ def test_finetune_options_are_checked():
 
 
 @pytest.mark.parametrize("config", sorted((REPO / "configs" / "transfer").glob("*.yaml")), ids=lambda p: p.stem)
-def test_transfer_configs_parse(config, capsys):
+def test_transfer_configs_parse(config, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lit-imgcls"])  # LightningCLI warns when pytest's own arguments are there
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(config), "--print_config"])
     assert not exit_info.value.code
