@@ -10,9 +10,10 @@ import timm
 from torch import nn
 
 from lit_imgcls.errors import ConfigError
+from lit_imgcls.models.cnn import CNN4
 from lit_imgcls.models.lenet import LeNet5
 
-LOCAL_MODELS: dict[str, Callable[..., nn.Module]] = {"lenet5": LeNet5}
+LOCAL_MODELS: dict[str, Callable[..., nn.Module]] = {"lenet5": LeNet5, "cnn4": CNN4}
 
 
 def available_models() -> list[str]:
