@@ -89,6 +89,18 @@ def test_teacher_is_frozen_in_eval_and_untouched_by_a_fit(teacher_ckpt, method, 
         assert torch.equal(seen[0], batch["image_clean"]) and not torch.equal(seen[0], batch["image"])
 
 
+def test_alpha_zero_is_plain_supervised_training(teacher_ckpt):
+    """With alpha=0 the teacher has no say: the student's weights equal a plain ImageClassifier's, bit for bit."""
+    nets = []
+    for make in (lambda: ImageClassifier(model="lenet5"), lambda: DistillationModule(str(teacher_ckpt), alpha=0.0)):
+        pl.seed_everything(3)
+        module = make()
+        quiet_trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=0).fit(module, ImageDataModule(**SMALL))
+        nets.append(module.net.state_dict())
+    for key, value in nets[0].items():
+        assert torch.equal(nets[1][key], value), key
+
+
 def test_student_checkpoint_loads_without_the_teacher(teacher_ckpt, tmp_path):
     module = DistillationModule(teacher=str(teacher_ckpt))
     trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, enable_checkpointing=False)

@@ -107,7 +107,8 @@ class DistillationModule(ImageClassifier):
         if stage == "fit" and self.teacher is None:
             hp = self.hparams
             kwargs = hp.teacher_model_kwargs or {}
-            teacher = build_teacher(hp.teacher, hp.teacher_model, hp.num_classes, hp.in_chans, **kwargs)
+            with torch.random.fork_rng(devices=[]):  # building it must not shift the student's random stream
+                teacher = build_teacher(hp.teacher, hp.teacher_model, hp.num_classes, hp.in_chans, **kwargs)
             self.teacher = teacher.requires_grad_(False).eval()
             self.check_teacher(getattr(self.trainer, "datamodule", None))
 
