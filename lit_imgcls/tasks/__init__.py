@@ -1,4 +1,5 @@
 from lit_imgcls.tasks.classifier import ImageClassifier
 from lit_imgcls.tasks.knn import KNNClassifier, KNNMonitor
+from lit_imgcls.tasks.noisy_student import NoisyStudent
 
-__all__ = ["ImageClassifier", "KNNClassifier", "KNNMonitor"]
+__all__ = ["ImageClassifier", "KNNClassifier", "KNNMonitor", "NoisyStudent"]
