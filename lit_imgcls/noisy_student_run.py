@@ -22,6 +22,7 @@ import shutil
 import sys
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import lightning.pytorch as pl
 
@@ -34,16 +35,20 @@ SUMMARY_FIELDS = ("generation", "architecture", "pseudo_labels_kept", "val_acc",
 
 
 def build_cli(args: list[str]) -> LitImgClsCLI:
-    """The `lit-imgcls` CLI for `args` (a config and overrides, no subcommand), instantiated but not run."""
-    return LitImgClsCLI(
-        pl.LightningModule,
-        ImageDataModule,
-        subclass_mode_model=True,
-        auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=False,
-    )
+    """The `lit-imgcls` CLI for `args` (a config and overrides, no subcommand), instantiated but not run.
+
+    `sys.argv` is hidden meanwhile: the runner's own options are not the CLI's (LightningCLI warns about both).
+    """
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        return LitImgClsCLI(
+            pl.LightningModule,
+            ImageDataModule,
+            subclass_mode_model=True,
+            auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=False,
+        )
 
 
 def evaluate(checkpoint: Path, datamodule: ImageDataModule) -> tuple[float, float]:

@@ -8,7 +8,8 @@ import torch
 
 from lit_imgcls.data import ImageDataModule
 from lit_imgcls.data.augment import normalize, to_float
-from lit_imgcls.noisy_student_run import run_generations
+from lit_imgcls.errors import UserError
+from lit_imgcls.noisy_student_run import build_cli, run_generations
 from lit_imgcls.tasks import ImageClassifier, NoisyStudent
 from lit_imgcls.tasks.checkpoints import load_task_network, read_checkpoint
 from lit_imgcls.tasks.noisy_student import PSEUDO_LABEL_FILE
@@ -78,7 +79,8 @@ def test_frozen_teacher_labels_the_clean_view_and_the_student_sees_the_strong_on
     student.net.register_forward_hook(lambda m, inputs, out: m.training and student_inputs.append(inputs[0]))
     quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(student, data)
 
-    assert teacher_calls and all(not training and not grad and not trainable for training, grad, trainable, _ in teacher_calls)
+    assert teacher_calls
+    assert not any(training or grad or trainable for training, grad, trainable, _ in teacher_calls)
     seen = torch.cat([images for *_, images in teacher_calls])
     clean = normalize(to_float(data.unlabeled_set.images), data.mean, data.std)
     torch.testing.assert_close(seen, clean)  # every unlabeled image once, in order, not augmented
@@ -97,36 +99,17 @@ def test_frozen_teacher_labels_the_clean_view_and_the_student_sees_the_strong_on
     assert torch.equal(saved["targets"], expected[saved["indices"]])
 
 
-def test_threshold_that_keeps_nothing_is_a_cli_error(teacher_checkpoint, tmp_path):
-    result = run_cli(
-        "fit",
-        "--config",
-        STUDENT,
-        *TINY_DATA,
-        *TINY_FIT,
-        f"--model.init_args.teacher={teacher_checkpoint}",
-        "--model.init_args.confidence_threshold=1.0",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 2
-    assert "lit-imgcls: error: the confidence threshold 1.0 keeps none" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_threshold_that_keeps_nothing_is_a_clear_error(teacher_checkpoint, tmp_path):
+    student = NoisyStudent(str(teacher_checkpoint), confidence_threshold=1.0)
+    with pytest.raises(UserError, match=r"threshold 1.0 keeps none of the 1000 unlabeled images.*lower the threshold"):
+        quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=1).fit(student, tiny_data())
 
 
-def test_empty_unlabeled_set_is_a_cli_error(teacher_checkpoint, tmp_path):
-    # 100 training images after the validation split, all of them labeled: nothing left to pseudo-label
-    result = run_cli(
-        "fit",
-        "--config",
-        STUDENT,
-        *TINY_DATA,
-        *TINY_FIT,
-        "--data.train_subset=100",
-        f"--model.init_args.teacher={teacher_checkpoint}",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 2
-    assert "lit-imgcls: error: the unlabeled set is empty" in result.stderr
+def test_empty_unlabeled_set_is_a_clear_error(teacher_checkpoint, tmp_path):
+    student = NoisyStudent(str(teacher_checkpoint))
+    data = tiny_data(labels_per_class=None, labeled_fraction=0.999)  # every training image is labeled
+    with pytest.raises(UserError, match="the unlabeled set is empty"):
+        quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=1).fit(student, data)
 
 
 @pytest.mark.slow
@@ -142,7 +125,8 @@ def test_ddp_generation_labels_like_one_process(teacher_checkpoint, tmp_path):
         labels[name] = torch.load(path)
     single, ddp_labels = labels["single"], labels["ddp"]
     assert single["total"] == ddp_labels["total"] == 1000
-    assert len(single["indices"]) == 1200  # 10 classes balanced to 120 rows each, no padding duplicates
+    predicted_classes = sum(count > 0 for count in single["summary"]["per_class"])
+    assert len(single["indices"]) == 120 * predicted_classes  # balanced to 120 rows per class, no padding duplicates
     assert torch.equal(single["indices"], ddp_labels["indices"])
     torch.testing.assert_close(single["targets"], ddp_labels["targets"])
 
@@ -175,3 +159,16 @@ def test_generation_two_learns_from_generation_one(tmp_path, monkeypatch):
         predicted = net(normalize(to_float(data.unlabeled_set.images), data.mean, data.std)).argmax(-1)
     assert torch.equal(saved["classes"], predicted[saved["indices"]])
     assert gen1["state_dict"].keys() == gen2["state_dict"].keys()
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs" / "noisy_student").glob("*.yaml")), ids=lambda p: p.stem)
+def test_configs_instantiate(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["--config", str(config)])
+    expected = ImageClassifier if config.stem.startswith("teacher") else NoisyStudent
+    assert type(cli.model) is expected
+    data = cli.datamodule.hparams
+    assert (data.labels_per_class, data.labeled_fraction) in ((100, None), (None, 0.1))
+    if expected is NoisyStudent:
+        assert cli.model.train_data == "combined"
+        assert cli.model.hparams.teacher.endswith("generation_0.ckpt")

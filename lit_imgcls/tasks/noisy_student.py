@@ -65,9 +65,8 @@ class NoisyStudent(ImageClassifier):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__(
-            model, num_classes, in_chans, pretrained, small_input, model_kwargs, label_smoothing, optimizer, lr_scheduler
-        )
+        network = (model, num_classes, in_chans, pretrained, small_input, model_kwargs)
+        super().__init__(*network, label_smoothing, optimizer, lr_scheduler)
         if unlabeled_weight < 0:
             raise ConfigError(f"model.unlabeled_weight must be >= 0, got {unlabeled_weight}")
         self.pseudo_labels: PseudoLabels | None = None
