@@ -8,7 +8,8 @@ Generation 0 is the teacher: trained with `--teacher_config` (an `ImageClassifie
 (by the config's ModelCheckpoint, `val/acc`) of generation n - 1 as its teacher. Every generation's best checkpoint
 is copied to `<out>/generation_<n>.ckpt`; the summary (generation, architecture, pseudo-labels kept, val and test
 accuracy of that checkpoint) is printed and written to `<out>/summary.csv`. Other arguments (`--data.*`,
-`--trainer.*`) go to every generation; `--teacher_args` / `--student_args` (one quoted string each) to one side.
+`--trainer.*`) go to every generation; `--teacher_args=...` / `--student_args=...` (one quoted string each, joined
+with `=` because they start with dashes) to one side, e.g. `"--student_args=--model.init_args.hard_labels=false"`.
 Generations run one after another in this process, on one device; for DDP run each generation alone:
 `lit-imgcls fit --config <student config> --model.init_args.teacher=<checkpoint> --trainer.devices=2 ...`.
 """
@@ -147,8 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher", help="checkpoint of the generation-0 teacher")
     parser.add_argument("--teacher_config", help="config that trains the generation-0 teacher")
     parser.add_argument("--out", type=Path, default=Path("checkpoints/noisy_student"))
-    parser.add_argument("--teacher_args", default="", help="extra CLI arguments for the teacher, one quoted string")
-    parser.add_argument("--student_args", default="", help="extra CLI arguments for the students, one quoted string")
+    parser.add_argument("--teacher_args", default="", help='teacher-only CLI arguments: "--teacher_args=--a=1 --b=2"')
+    parser.add_argument("--student_args", default="", help='student-only CLI arguments: "--student_args=--a=1 --b=2"')
     options, shared = parser.parse_known_args(argv)
     try:
         run_generations(

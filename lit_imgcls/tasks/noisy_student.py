@@ -70,7 +70,8 @@ class NoisyStudent(ImageClassifier):
         if unlabeled_weight < 0:
             raise ConfigError(f"model.unlabeled_weight must be >= 0, got {unlabeled_weight}")
         self.pseudo_labels: PseudoLabels | None = None
-        self.register_buffer("pseudo_targets", torch.empty(0), persistent=False)
+        # a plain attribute, not a buffer: identical on every rank already, so DDP must not broadcast it each step
+        self.pseudo_targets = torch.empty(0)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
