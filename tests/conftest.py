@@ -14,6 +14,9 @@ import torch
 from lit_imgcls.data.datasets import DEBIAN_FASHION_MNIST, FASHION_MNIST_CLASSES, ImageTensors, load_fashion_mnist
 
 REPO = Path(__file__).resolve().parents[1]
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n 2 on a 2-core machine: two torch thread pools of 2 would oversubscribe the cores (10x slower here)
+    torch.set_num_threads(1)
 HAS_FASHION_MNIST = (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file()
 needs_fashion_mnist = pytest.mark.skipif(
     not HAS_FASHION_MNIST,
