@@ -13,6 +13,8 @@ from ipykernel.kernelspec import write_kernel_spec
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+from nbformat.v4 import new_code_cell, new_notebook
 
 from tests.conftest import REPO, needs_fashion_mnist
 
@@ -28,6 +30,27 @@ def kernel_specs(tmp_path_factory) -> KernelSpecManager:
     kernels = tmp_path_factory.mktemp("kernels")
     write_kernel_spec(kernels / KERNEL)
     return KernelSpecManager(kernel_dirs=[str(kernels)], ensure_native_kernel=False)
+
+
+def execute(notebook: nbformat.NotebookNode, kernel_specs: KernelSpecManager, cwd: Path) -> None:
+    """Run every cell in a fresh kernel started in `cwd`; raises CellExecutionError on the first failing cell."""
+    client = NotebookClient(
+        notebook,
+        km=KernelManager(kernel_name=KERNEL, kernel_spec_manager=kernel_specs),
+        timeout=CELL_TIMEOUT_S,
+        resources={"metadata": {"path": str(cwd)}},
+    )
+    client.execute()
+
+
+def test_kernel_is_this_interpreter_and_errors_fail(kernel_specs, tmp_path):
+    notebook = new_notebook(cells=[new_code_cell("import sys\nprint(sys.executable)")])
+    execute(notebook, kernel_specs, tmp_path)
+    assert notebook.cells[0].outputs[0].text.strip() == sys.executable
+    with pytest.raises(CellExecutionError, match="ZeroDivisionError"):
+        execute(
+            new_notebook(cells=[new_code_cell("1 / 0"), new_code_cell("print('not reached')")]), kernel_specs, tmp_path
+        )
 
 
 def test_there_are_notebooks():
@@ -56,14 +79,8 @@ def test_notebook_runs(path: Path, kernel_specs: KernelSpecManager, tmp_path: Pa
     monkeypatch.setenv("PYTHONWARNINGS", "ignore")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     notebook = nbformat.read(path, as_version=4)
-    client = NotebookClient(
-        notebook,
-        km=KernelManager(kernel_name=KERNEL, kernel_spec_manager=kernel_specs),
-        timeout=CELL_TIMEOUT_S,
-        resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
-    )
     start = time.perf_counter()
-    client.execute()
+    execute(notebook, kernel_specs, NOTEBOOK_DIR)
     print(f"{path.name}: {time.perf_counter() - start:.1f} s with {sys.executable}")
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert not [output for output in outputs if output.output_type == "error"]
