@@ -21,6 +21,7 @@ from lit_imgcls.data.datasets import (
     load_image_folder,
     load_torchvision,
     load_unlabeled_folder,
+    select_classes,
 )
 from lit_imgcls.data.mix import BatchMix, check_mix_options
 from lit_imgcls.errors import ConfigError
@@ -56,6 +57,7 @@ class ImageDataModule(pl.LightningDataModule):
         val_size: number of validation images; overrides `val_fraction`.
         train_subset: train on a seeded random subset of this many images of the training split.
         test_subset: evaluate `test` on the first N test images (quick checks).
+        classes: keep only these class indices (train, val and test), relabelled 0..len-1 in this order.
         batch_size: training batch size per device.
         eval_batch_size: validation/test/predict batch size; default: `batch_size`.
         num_workers: DataLoader workers; 0 is fastest for in-memory tensors.
@@ -96,6 +98,7 @@ class ImageDataModule(pl.LightningDataModule):
         val_size: int | None = None,
         train_subset: int | None = None,
         test_subset: int | None = None,
+        classes: list[int] | None = None,
         batch_size: int = 128,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -158,7 +161,7 @@ class ImageDataModule(pl.LightningDataModule):
             data = load_image_folder(folder, hp.channels or 3, hp.image_size, hp.skip_corrupt)
         else:
             raise ConfigError(f"unknown dataset {hp.dataset!r}: choose one of {', '.join(DATASETS)}")
-        return self._conform(data)
+        return self._conform(data if hp.classes is None else select_classes(data, hp.classes))
 
     def _conform(self, data: ImageTensors) -> ImageTensors:
         """Apply `channels` and `image_size` to a built-in dataset."""

@@ -58,6 +58,20 @@ class ImageTensors:
         return self.sources[index] if self.sources is not None else str(index)
 
 
+def select_classes(data: ImageTensors, classes: Sequence[int]) -> ImageTensors:
+    """The images of `classes` only, relabelled 0..len(classes)-1 in the given order."""
+    if data.targets is None:
+        return data
+    if len(set(classes)) != len(classes) or not all(0 <= c < len(data.classes) for c in classes):
+        raise ConfigError(f"data.classes must be distinct class indices in 0..{len(data.classes) - 1}, got {classes}")
+    relabel = torch.full((len(data.classes),), -1, dtype=torch.long)
+    relabel[torch.as_tensor(list(classes))] = torch.arange(len(classes))
+    keep = (relabel[data.targets] >= 0).nonzero().flatten()
+    sources = [data.sources[i] for i in keep.tolist()] if data.sources is not None else None
+    names = tuple(data.classes[c] for c in classes)
+    return ImageTensors(data.images[keep], relabel[data.targets[keep]], names, sources)
+
+
 class TensorImageDataset(Dataset):
     """Serves dict samples from `ImageTensors`; `__getitems__` fetches a whole batch with one index op."""
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -14,8 +15,10 @@ from torchmetrics.classification import MulticlassAccuracy
 from lit_imgcls.errors import ConfigError
 from lit_imgcls.losses import soft_target_cross_entropy
 from lit_imgcls.models import create_model
+from lit_imgcls.models.weights import CLASSES_KEY, head_names, head_parameter_names, load_weights, read_weights
 
 STAGES = ("train", "val", "test")
+FINETUNE_MODES = ("none", "linear_probe", "full", "gradual")
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -43,6 +46,22 @@ class ImageClassifier(pl.LightningModule):
         optimizer: an `OptimizerCallable`; default `default_optimizer` (SGD, Nesterov momentum).
         lr_scheduler: an `LRSchedulerCallable` stepped per epoch; default: cosine annealing per step
             over the whole fit.
+        pretrained_checkpoint: a local file to start from: a timm/torchvision state dict (`.pth`, `.safetensors`),
+            a timm training checkpoint, or any checkpoint of this project's tasks (its `net`). Loaded when `fit`
+            starts (so a fine-tuned checkpoint loads without this file); the backbone must match `model`; the head
+            is re-initialised (one log line) when the class count or the class names differ; a 3-channel stem is
+            adapted to 1-channel data and back as timm's `in_chans` does.
+        finetune: which parameters train. `none`: all, at the optimizer's lr, in one group (plain training).
+            `linear_probe`: only the head (see `head`); the backbone's parameters and BatchNorm statistics stay
+            exactly as loaded. `full`: all, the head at lr and the backbone at lr * `backbone_lr_scale` (two
+            parameter groups, `head` and `backbone`, as LearningRateMonitor logs them). `gradual`: like
+            `linear_probe` until epoch `unfreeze_epoch`, then like `full`.
+        head: the modules (qualified names in the network) that form the head: re-initialised together when the
+            classes differ, the only ones `linear_probe` trains, at the full lr in `full`/`gradual`. Default: the
+            final classifier (timm's `get_classifier()`). LeNet-5's fully connected block is
+            `[features.10, features.13, fc]` (its conv features transfer better than its last layers).
+        backbone_lr_scale: the backbone's learning rate as a fraction of the head's (`full`, `gradual`).
+        unfreeze_epoch: `gradual`: the epoch (0-based) at which the backbone starts training.
     """
 
     def __init__(
@@ -59,6 +78,11 @@ class ImageClassifier(pl.LightningModule):
         label_smoothing: float = 0.0,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        pretrained_checkpoint: str | None = None,
+        finetune: Literal["none", "linear_probe", "full", "gradual"] = "none",
+        head: list[str] | None = None,
+        backbone_lr_scale: float = 0.1,
+        unfreeze_epoch: int = 1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -74,6 +98,10 @@ class ImageClassifier(pl.LightningModule):
             drop_path_rate=drop_path_rate,
             **(model_kwargs or {}),
         )
+        self._check_finetune_options()
+        self.pretrained_loaded = False
+        self.backbone_frozen = finetune in ("linear_probe", "gradual") and unfreeze_epoch > 0
+        self.set_backbone_requires_grad(not self.backbone_frozen)
         metrics = MetricCollection({"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro")})
         if num_classes > 5:
             metrics.add_metrics({"acc_top5": MulticlassAccuracy(num_classes, top_k=5, average="micro")})
@@ -93,7 +121,15 @@ class ImageClassifier(pl.LightningModule):
         return out, []
 
     def setup(self, stage: str) -> None:
-        self.check_data_matches(getattr(self.trainer, "datamodule", None))
+        datamodule = getattr(self.trainer, "datamodule", None)
+        self.check_data_matches(datamodule)
+        if stage == "fit":
+            self.load_pretrained(getattr(datamodule, "classes", None))
+            if self.backbone_frozen and self.hparams.finetune == "gradual" and self.trainer.world_size > 1:
+                # DDP registers only the parameters that require grad when it wraps the model, so a backbone
+                # unfrozen later would train unsynchronised (Lightning issue 20340): keep it registered and
+                # drop its gradients until `unfreeze_epoch` instead.
+                self.set_backbone_requires_grad(True)
 
     def check_data_matches(self, datamodule: pl.LightningDataModule | None) -> None:
         """Stop early, with the fix, when the data's class count or channels disagree with the model."""
@@ -188,9 +224,92 @@ class ImageClassifier(pl.LightningModule):
         return [p for p in self.parameters() if p.requires_grad]
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(self.trainable_parameters())
+        optimizer = self.optimizer_factory(self.parameter_groups())
+        if self.hparams.finetune in ("full", "gradual"):
+            optimizer.param_groups[1]["lr"] *= self.hparams.backbone_lr_scale  # before a scheduler reads it
         if self.scheduler_factory is not None:
             return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
         steps = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # Transfer learning: which parameters form the backbone, which train, and when.
+    def _check_finetune_options(self) -> None:
+        hp = self.hparams
+        if hp.finetune not in FINETUNE_MODES:
+            raise ConfigError(f"unknown model.finetune {hp.finetune!r}: choose one of {', '.join(FINETUNE_MODES)}")
+        if hp.backbone_lr_scale <= 0:
+            raise ConfigError(f"model.backbone_lr_scale must be > 0, got {hp.backbone_lr_scale}: use linear_probe")
+        if hp.unfreeze_epoch < 0:
+            raise ConfigError(f"model.unfreeze_epoch must be >= 0, got {hp.unfreeze_epoch}")
+        if hp.finetune != "none" and not (hp.pretrained or hp.pretrained_checkpoint):
+            rank_zero_warn(f"finetune={hp.finetune} from random weights: set model.pretrained_checkpoint")
+
+    def load_pretrained(self, classes: list[str] | tuple[str, ...] | None = None) -> None:
+        """Load `pretrained_checkpoint` into the network once (`setup("fit")` calls it; call it to evaluate
+        the loaded weights without fitting). `classes`: the data's class names, compared with the file's."""
+        if self.hparams.pretrained_checkpoint is None or self.pretrained_loaded:
+            return
+        weights = read_weights(self.hparams.pretrained_checkpoint)
+        load_weights(self.net, weights, self.hparams.model, classes, self.hparams.head)
+        self.pretrained_loaded = True
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the data's class names, so a transfer from this checkpoint knows whether its head fits."""
+        classes = getattr(getattr(self._trainer, "datamodule", None), "classes", None)
+        if classes is not None:
+            checkpoint[CLASSES_KEY] = list(classes)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The checkpoint's weights supersede `pretrained_checkpoint`: a later `fit` must not reload it."""
+        self.pretrained_loaded = True
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """Every parameter of the network except the head's (see `head`)."""
+        head = head_parameter_names(self.net, self.hparams.head)
+        return [p for name, p in self.net.named_parameters() if name not in head]
+
+    def parameter_groups(self) -> list[nn.Parameter] | list[dict[str, Any]]:
+        """What the optimizer gets: `trainable_parameters()`, split into `head` and `backbone` groups for
+        `full` and `gradual` (the backbone group's lr is scaled in `configure_optimizers`)."""
+        if self.hparams.finetune not in ("full", "gradual"):
+            return self.trainable_parameters()
+        backbone = self.backbone_parameters()
+        ids = {id(p) for p in backbone}
+        head = [p for p in self.trainable_parameters() if id(p) not in ids]
+        return [{"params": head, "name": "head"}, {"params": backbone, "name": "backbone"}]
+
+    def set_backbone_requires_grad(self, flag: bool) -> None:
+        for p in self.backbone_parameters():
+            p.requires_grad_(flag)
+
+    def train(self, mode: bool = True) -> ImageClassifier:
+        """Lightning sets every submodule to train mode; a frozen backbone keeps its BatchNorm statistics."""
+        super().train(mode)
+        if getattr(self, "backbone_frozen", False):
+            self._set_backbone_norm_mode()
+        return self
+
+    def _set_backbone_norm_mode(self) -> None:
+        """Backbone layers with running statistics: eval while the backbone is frozen, else the module's mode."""
+        names = head_names(self.net, self.hparams.head)
+        head = {id(m) for name in names for m in self.net.get_submodule(name).modules()}
+        for module in self.net.modules():
+            if getattr(module, "track_running_stats", False) and id(module) not in head:
+                module.train(self.training and not self.backbone_frozen)
+
+    def on_train_epoch_start(self) -> None:
+        hp = self.hparams
+        if hp.finetune == "none":
+            return
+        if hp.finetune == "gradual" and self.backbone_frozen and self.current_epoch >= hp.unfreeze_epoch:
+            self.backbone_frozen = False
+            self.set_backbone_requires_grad(True)
+            rank_zero_info(f"epoch {self.current_epoch}: backbone unfrozen (lr scale {hp.backbone_lr_scale})")
+        self._set_backbone_norm_mode()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """`gradual` under DDP: the frozen backbone's gradients are dropped, so the optimizer skips it."""
+        if self.backbone_frozen:
+            for p in self.backbone_parameters():
+                p.grad = None
