@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_info
 from torch.utils.data import DataLoader
 
 from lit_imgcls.data.augment import AUGMENT_PRESETS, build_train_augmentation, check_ops, normalize, to_float
@@ -24,6 +24,7 @@ from lit_imgcls.data.datasets import (
     select_classes,
 )
 from lit_imgcls.data.mix import BatchMix, check_mix_options
+from lit_imgcls.data.semi import LabeledUnlabeledMixin, check_semi_options, class_balanced_split
 from lit_imgcls.errors import ConfigError
 
 DATASETS = ("fashion_mnist", *TORCHVISION_DATASETS, "image_folder")
@@ -43,7 +44,7 @@ def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[list[float],
     return mean.tolist(), std.tolist()
 
 
-class ImageDataModule(pl.LightningDataModule):
+class ImageDataModule(LabeledUnlabeledMixin, pl.LightningDataModule):
     """Loads a dataset once as uint8 tensors and augments whole batches on the device.
 
     Args:
@@ -83,7 +84,19 @@ class ImageDataModule(pl.LightningDataModule):
         std: per-channel normalization std; default: computed from the whole training set.
         download: fetch a missing built-in dataset with torchvision (needs internet).
         skip_corrupt: skip undecodable image files with a warning instead of stopping.
-        split_seed: seed of the train/val split and of `train_subset`.
+        split_seed: seed of the train/val split, of `train_subset` and of the labeled/unlabeled split.
+        labels_per_class: keep this many labeled images per class of the training split (after the val split and
+            `train_subset`); the rest becomes the unlabeled set (labels hidden).
+        labeled_fraction: like `labels_per_class`, with a class-balanced fraction of each class.
+        unlabeled_dir: a folder of images (any layout) used as, or added to, the unlabeled set.
+        unlabeled_batch_ratio: unlabeled batch size = round(unlabeled_batch_ratio * batch_size).
+
+    Labeled and unlabeled data: without `labels_per_class`, `labeled_fraction` and `unlabeled_dir`, the unlabeled
+    set is the training split with its labels dropped. Unlabeled batches are `{"image": weak view, "image_strong":
+    strong view, "index": index into unlabeled_set}`, never with a "target". The training loader is chosen by the
+    task's `train_data` attribute: "labeled" (default), "unlabeled", or "combined" (a CombinedLoader in
+    max_size_cycle mode whose batches are `{"labeled": ..., "unlabeled": ...}`). A task with a true
+    `wants_clean_view` attribute also gets `image_clean` (normalized, not augmented) in labeled training batches.
     """
 
     def __init__(
@@ -121,6 +134,10 @@ class ImageDataModule(pl.LightningDataModule):
         download: bool = True,
         skip_corrupt: bool = False,
         split_seed: int = 42,
+        labels_per_class: int | None = None,
+        labeled_fraction: float | None = None,
+        unlabeled_dir: str | None = None,
+        unlabeled_batch_ratio: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["augment_ops"])
@@ -143,6 +160,11 @@ class ImageDataModule(pl.LightningDataModule):
                 raise ConfigError(f"unknown data.{name} {preset!r}: choose one of {', '.join(AUGMENT_PRESETS)}")
         check_ops(self.augment_ops)
         check_mix_options(cutmix_alpha, mixup_alpha, mix_prob, switch_prob, mix_label_smoothing)
+        check_semi_options(labels_per_class, labeled_fraction, unlabeled_batch_ratio)
+        self.unlabeled_indices: torch.Tensor | None = None
+        self._unlabeled_set: ImageTensors | None = None
+        self.unlabeled_true_targets: torch.Tensor | None = None
+        self.unlabeled_selection: torch.Tensor | None = None
         self.train_augmentation: torch.nn.Module = torch.nn.Identity()
         self.weak_augmentation: torch.nn.Module = torch.nn.Identity()
         self.strong_augmentation: torch.nn.Module = torch.nn.Identity()
@@ -253,6 +275,11 @@ class ImageDataModule(pl.LightningDataModule):
                 raise ConfigError(f"data.train_subset={hp.train_subset} must be in 1..{len(train)}")
             train = train[: hp.train_subset]
         self.train_indices = train.sort().values
+        self.unlabeled_indices = None if hp.unlabeled_dir is not None else self.train_indices
+        if hp.labels_per_class is not None or hp.labeled_fraction is not None:
+            self.train_indices, self.unlabeled_indices = class_balanced_split(
+                self.train_set.targets, self.train_indices, hp.labels_per_class, hp.labeled_fraction, hp.split_seed
+            )
         mean, std = channel_stats(self.train_set.images) if hp.mean is None or hp.std is None else (None, None)
         self.mean = list(hp.mean) if hp.mean is not None else mean
         self.std = list(hp.std) if hp.std is not None else std
@@ -277,20 +304,28 @@ class ImageDataModule(pl.LightningDataModule):
             raise RuntimeError("call datamodule.setup(stage) first")
         return self.train_set
 
-    def _loader(self, dataset: TensorImageDataset, train: bool) -> DataLoader:
+    def _loader(self, dataset: TensorImageDataset, train: bool, batch_size: int | None = None) -> DataLoader:
         hp = self.hparams
+        batch_size = batch_size or (hp.batch_size if train else hp.eval_batch_size or hp.batch_size)
         return DataLoader(
             dataset,
-            batch_size=hp.batch_size if train else hp.eval_batch_size or hp.batch_size,
+            batch_size=batch_size,
             shuffle=train,
-            drop_last=train and len(dataset) > hp.batch_size,
+            drop_last=train and len(dataset) > batch_size,
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,
             collate_fn=collate_batch,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(TensorImageDataset(self.train_set, self.train_indices), train=True)
+    def train_dataloader(self) -> DataLoader | CombinedLoader:
+        """The loader the task's `train_data` asks for (see the class docstring)."""
+        train_data = self.train_data()
+        if train_data == "unlabeled":
+            return self.unlabeled_dataloader(train=True)
+        labeled = self._loader(TensorImageDataset(self.train_set, self.train_indices), train=True)
+        if train_data == "labeled":
+            return labeled
+        return CombinedLoader({"labeled": labeled, "unlabeled": self.unlabeled_dataloader(True)}, "max_size_cycle")
 
     def val_dataloader(self) -> DataLoader:
         if len(self.val_indices) == 0:
@@ -316,13 +351,16 @@ class ImageDataModule(pl.LightningDataModule):
         data = self.predict_set if stage == "predict" else self.test_set
         return data.source(index)
 
-    def transform_batch(self, batch: dict[str, Any], train: bool) -> dict[str, Any]:
+    def transform_batch(self, batch: dict[str, Any], train: bool, clean_view: bool = False) -> dict[str, Any]:
         """uint8 -> float, training augmentation and CutMix/MixUp (when `train`), normalization, on the batch's device.
 
-        With mixing or data.mix_label_smoothing on, training targets become distributions (N, K).
+        With mixing or data.mix_label_smoothing on, training targets become distributions (N, K). With `clean_view`,
+        `image_clean` holds the normalized images before augmentation.
         """
         images = to_float(batch["image"])
         out = dict(batch)
+        if clean_view:
+            out["image_clean"] = normalize(images, self.mean, self.std)
         if train:
             images = self.train_augmentation.to(images.device)(images)
             if self.mix is not None and "target" in batch:
@@ -343,12 +381,23 @@ class ImageDataModule(pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         trainer = self.trainer
-        train = trainer is not None and trainer.training and not trainer.sanity_checking
-        return self.transform_batch(batch, train)
+        if trainer is None or not trainer.training or trainer.sanity_checking:
+            return self.transform_batch(batch, train=False)
+        clean_view = bool(getattr(trainer.lightning_module, "wants_clean_view", False))
+        train_data = self.train_data()
+        if train_data == "labeled":
+            return self.transform_batch(batch, True, clean_view)
+        if train_data == "unlabeled":
+            return self.transform_views(batch)
+        labeled = self.transform_batch(batch["labeled"], True, clean_view)
+        return {"labeled": labeled, "unlabeled": self.transform_views(batch["unlabeled"])}
 
     def describe(self) -> str:
         """One line for logs: dataset, split sizes, image shape."""
+        hp = self.hparams
+        split = hp.labels_per_class is not None or hp.labeled_fraction is not None
+        unlabeled = f" (+{len(self.unlabeled_indices)} unlabeled)" if split else ""
         return (
-            f"{self.hparams.dataset} ({Path(self.hparams.data_dir)}): {len(self.train_indices)} train / "
+            f"{hp.dataset} ({Path(hp.data_dir)}): {len(self.train_indices)} train{unlabeled} / "
             f"{len(self.val_indices)} val images of shape {self.image_shape}, {self.num_classes} classes"
         )

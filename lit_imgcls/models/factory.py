@@ -11,11 +11,13 @@ import timm
 from torch import nn
 
 from lit_imgcls.errors import ConfigError
+from lit_imgcls.models.cnn import CNN4
 from lit_imgcls.models.lenet import LeNet5
 from lit_imgcls.models.small_input import adapt_to_small_input
 from lit_imgcls.models.torchvision_models import TORCHVISION_MODELS, load_torchvision_pretrained
 
-LOCAL_MODELS: dict[str, Callable[..., nn.Module]] = {"lenet5": LeNet5, **TORCHVISION_MODELS}
+PROJECT_MODELS: dict[str, Callable[..., nn.Module]] = {"lenet5": LeNet5, "cnn4": CNN4}
+LOCAL_MODELS: dict[str, Callable[..., nn.Module]] = {**PROJECT_MODELS, **TORCHVISION_MODELS}
 
 
 def available_models() -> list[str]:
@@ -35,9 +37,9 @@ def create_model(
 ) -> nn.Module:
     """Build `name` for `num_classes` classes and `in_chans` input channels.
 
-    Names: `lenet5` (this project's), `alexnet` and `googlenet` (torchvision's), or any timm name (`vgg16_bn`,
-    `resnet18`, `densenet121`, `seresnet18`, `efficientnet_b0`, ...). `pretrained=True` loads ImageNet weights
-    (timm's hub or torchvision's, downloaded on first use), with the stem adapted to `in_chans` as timm does.
+    Names: `lenet5` and `cnn4` (this project's), `alexnet` and `googlenet` (torchvision's), or any timm name
+    (`vgg16_bn`, `resnet18`, `densenet121`, `seresnet18`, `efficientnet_b0`, ...). `pretrained=True` loads
+    ImageNet weights (timm's hub or torchvision's, downloaded on first use), the stem adapted to `in_chans`.
     `small_input=True` adapts ImageNet stems to 28-32 px images (see `lit_imgcls.models.small_input`).
     `drop_rate` (dropout before the classifier) and `drop_path_rate` (stochastic depth) go to models that have
     them; None keeps the model's default, and a model without the option is a ConfigError. Other keyword
@@ -52,7 +54,7 @@ def create_model(
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{option} must be in [0, 1), got {value}")
             kwargs[option] = value
-    if pretrained and name == "lenet5":
+    if pretrained and name in PROJECT_MODELS:
         raise ConfigError(f"{name} has no pretrained weights: set pretrained=false")
     try:
         model = build(name, num_classes, in_chans, pretrained, kwargs)
@@ -62,7 +64,7 @@ def create_model(
             raise
         raise ConfigError(f"{name} has no option {unknown.group(1)}: remove it from the model config") from error
     if small_input:
-        if name == "lenet5":
+        if name in PROJECT_MODELS:
             raise ConfigError(f"{name} is built for small images already: drop small_input")
         adapt_to_small_input(model, name)
     return model

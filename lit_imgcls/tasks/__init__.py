@@ -1,4 +1,13 @@
 from lit_imgcls.tasks.classifier import ImageClassifier
+from lit_imgcls.tasks.distill import DistillationModule, export_student
 from lit_imgcls.tasks.knn import KNNClassifier, KNNMonitor
+from lit_imgcls.tasks.noisy_student import NoisyStudent
 
-__all__ = ["ImageClassifier", "KNNClassifier", "KNNMonitor"]
+__all__ = [
+    "DistillationModule",
+    "ImageClassifier",
+    "KNNClassifier",
+    "KNNMonitor",
+    "NoisyStudent",
+    "export_student",
+]

@@ -166,16 +166,22 @@ class ImageClassifier(pl.LightningModule):
         loss = self.compute_loss(logits, target)
         for aux in aux_logits:
             loss = loss + self.hparams.aux_loss_weight * self.compute_loss(aux, target)
+        self.update_metrics(stage, logits, target, loss)
+        return loss
+
+    def update_metrics(self, stage: str, logits: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> None:
+        """Accumulate a batch's accuracy (hard or soft targets) and loss into the stage's epoch metrics."""
         self.stage_metrics(stage).update(logits, target if target.ndim == 1 else target.argmax(dim=-1))
         self.stage_loss(stage).update(loss.detach(), weight=len(target))
-        return loss
+
+    def log_step_loss(self, loss: torch.Tensor, batch_size: int) -> None:
+        """Log `train/loss_step` every `log_every_n_steps` (see the note on logging cost below)."""
+        if self.trainer.global_step % self.trainer.log_every_n_steps == 0:
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._shared_step(batch, "train")
-        if self.trainer.global_step % self.trainer.log_every_n_steps == 0:
-            self.log(
-                "train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(batch["image"])
-            )
+        self.log_step_loss(loss, len(batch["image"]))
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
