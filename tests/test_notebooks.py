@@ -54,7 +54,12 @@ def test_kernel_is_this_interpreter_and_errors_fail(kernel_specs, tmp_path):
 
 
 def test_there_are_notebooks():
-    assert {"01_quickstart.ipynb", "02_augmentations.ipynb"} <= {path.name for path in NOTEBOOKS}
+    assert [path.name for path in NOTEBOOKS] == [
+        "01_quickstart.ipynb",
+        "02_augmentations.ipynb",
+        "03_knowledge_distillation.ipynb",
+        "04_noisy_student_and_knn.ipynb",
+    ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
