@@ -7,7 +7,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import AttributeDict, rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -84,11 +84,8 @@ class ImageClassifier(pl.LightningModule):
         backbone_lr_scale: float = 0.1,
         unfreeze_epoch: int = 1,
     ) -> None:
-        options = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        # LightningCLI records only a subclass's own arguments in `hparams` (not this class's finetune, head, ...).
-        self.options = AttributeDict({k: v for k, v in options.items() if k not in ("optimizer", "lr_scheduler")})
         self.optimizer_factory = optimizer or default_optimizer
         self.scheduler_factory = lr_scheduler
         self.net = create_model(
@@ -128,7 +125,7 @@ class ImageClassifier(pl.LightningModule):
         self.check_data_matches(datamodule)
         if stage == "fit":
             self.load_pretrained(getattr(datamodule, "classes", None))
-            if self.backbone_frozen and self.options.finetune == "gradual" and self.trainer.world_size > 1:
+            if self.backbone_frozen and self.hparams.finetune == "gradual" and self.trainer.world_size > 1:
                 # DDP registers only the parameters that require grad when it wraps the model, so a backbone
                 # unfrozen later would train unsynchronised (Lightning issue 20340): keep it registered and
                 # drop its gradients until `unfreeze_epoch` instead.
@@ -138,7 +135,7 @@ class ImageClassifier(pl.LightningModule):
         """Stop early, with the fix, when the data's class count or channels disagree with the model."""
         if datamodule is None or not hasattr(datamodule, "num_classes"):
             return
-        hp = self.options
+        hp = self.hparams
         if datamodule.num_classes != hp.num_classes:
             raise ConfigError(
                 f"model.num_classes={hp.num_classes} but the dataset has {datamodule.num_classes} classes "
@@ -160,7 +157,7 @@ class ImageClassifier(pl.LightningModule):
 
     def compute_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Cross-entropy on hard or soft targets; label smoothing only while training."""
-        smoothing = self.options.label_smoothing if self.training else 0.0
+        smoothing = self.hparams.label_smoothing if self.training else 0.0
         return soft_target_cross_entropy(logits, target, smoothing)
 
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
@@ -168,7 +165,7 @@ class ImageClassifier(pl.LightningModule):
         target = batch["target"]
         loss = self.compute_loss(logits, target)
         for aux in aux_logits:
-            loss = loss + self.options.aux_loss_weight * self.compute_loss(aux, target)
+            loss = loss + self.hparams.aux_loss_weight * self.compute_loss(aux, target)
         self.update_metrics(stage, logits, target, loss)
         return loss
 
@@ -234,8 +231,8 @@ class ImageClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(self.parameter_groups())
-        if self.options.finetune in ("full", "gradual"):
-            optimizer.param_groups[1]["lr"] *= self.options.backbone_lr_scale  # before a scheduler reads it
+        if self.hparams.finetune in ("full", "gradual"):
+            optimizer.param_groups[1]["lr"] *= self.hparams.backbone_lr_scale  # before a scheduler reads it
         if self.scheduler_factory is not None:
             return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
         steps = max(1, int(self.trainer.estimated_stepping_batches))
@@ -244,7 +241,7 @@ class ImageClassifier(pl.LightningModule):
 
     # Transfer learning: which parameters form the backbone, which train, and when.
     def _check_finetune_options(self) -> None:
-        hp = self.options
+        hp = self.hparams
         if hp.finetune not in FINETUNE_MODES:
             raise ConfigError(f"unknown model.finetune {hp.finetune!r}: choose one of {', '.join(FINETUNE_MODES)}")
         if hp.backbone_lr_scale <= 0:
@@ -257,10 +254,10 @@ class ImageClassifier(pl.LightningModule):
     def load_pretrained(self, classes: list[str] | tuple[str, ...] | None = None) -> None:
         """Load `pretrained_checkpoint` into the network once (`setup("fit")` calls it; call it to evaluate
         the loaded weights without fitting). `classes`: the data's class names, compared with the file's."""
-        if self.options.pretrained_checkpoint is None or self.pretrained_loaded:
+        if self.hparams.pretrained_checkpoint is None or self.pretrained_loaded:
             return
-        weights = read_weights(self.options.pretrained_checkpoint)
-        load_weights(self.net, weights, self.options.model, classes, self.options.head)
+        weights = read_weights(self.hparams.pretrained_checkpoint)
+        load_weights(self.net, weights, self.hparams.model, classes, self.hparams.head)
         self.pretrained_loaded = True
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -275,13 +272,13 @@ class ImageClassifier(pl.LightningModule):
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Every parameter of the network except the head's (see `head`)."""
-        head = head_parameter_names(self.net, self.options.head)
+        head = head_parameter_names(self.net, self.hparams.head)
         return [p for name, p in self.net.named_parameters() if name not in head]
 
     def parameter_groups(self) -> list[nn.Parameter] | list[dict[str, Any]]:
         """What the optimizer gets: `trainable_parameters()`, split into `head` and `backbone` groups for
         `full` and `gradual` (the backbone group's lr is scaled in `configure_optimizers`)."""
-        if self.options.finetune not in ("full", "gradual"):
+        if self.hparams.finetune not in ("full", "gradual"):
             return self.trainable_parameters()
         backbone = self.backbone_parameters()
         ids = {id(p) for p in backbone}
@@ -301,14 +298,14 @@ class ImageClassifier(pl.LightningModule):
 
     def _set_backbone_norm_mode(self) -> None:
         """Backbone layers with running statistics: eval while the backbone is frozen, else the module's mode."""
-        names = head_names(self.net, self.options.head)
+        names = head_names(self.net, self.hparams.head)
         head = {id(m) for name in names for m in self.net.get_submodule(name).modules()}
         for module in self.net.modules():
             if getattr(module, "track_running_stats", False) and id(module) not in head:
                 module.train(self.training and not self.backbone_frozen)
 
     def on_train_epoch_start(self) -> None:
-        hp = self.options
+        hp = self.hparams
         if hp.finetune == "none":
             return
         if hp.finetune == "gradual" and self.backbone_frozen and self.current_epoch >= hp.unfreeze_epoch:
