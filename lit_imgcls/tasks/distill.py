@@ -87,17 +87,8 @@ class DistillationModule(ImageClassifier):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__(
-            model,
-            num_classes,
-            in_chans,
-            pretrained,
-            small_input,
-            model_kwargs=model_kwargs,
-            label_smoothing=label_smoothing,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-        )
+        student = (model, num_classes, in_chans, pretrained, small_input, model_kwargs, label_smoothing)
+        super().__init__(*student, optimizer, lr_scheduler)
         if method not in TRAIN_DATA:
             raise ConfigError(f"unknown method {method!r}: choose one of {', '.join(TRAIN_DATA)}")
         if teacher_view not in ("same", "clean"):

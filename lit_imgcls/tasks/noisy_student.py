@@ -42,7 +42,7 @@ class NoisyStudent(ImageClassifier):
         unlabeled_weight: weight of the pseudo-label term.
         label_batch_size: teacher batch size while labeling; default: the data's eval batch size.
         Other arguments: as `ImageClassifier`; noise the student with
-            `drop_rate`, `drop_path_rate` (as `ImageClassifier`) and `data.strong_augment`.
+            `model_kwargs: {drop_rate: ..., drop_path_rate: ...}` and `data.strong_augment`.
     """
 
     train_data = "combined"
@@ -60,26 +60,13 @@ class NoisyStudent(ImageClassifier):
         in_chans: int = 1,
         pretrained: bool = False,
         small_input: bool = False,
-        drop_rate: float | None = None,
-        drop_path_rate: float | None = None,
         model_kwargs: dict[str, Any] | None = None,
         label_smoothing: float = 0.0,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__(
-            model,
-            num_classes,
-            in_chans,
-            pretrained,
-            small_input,
-            drop_rate,
-            drop_path_rate,
-            model_kwargs,
-            label_smoothing=label_smoothing,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-        )
+        network = (model, num_classes, in_chans, pretrained, small_input, model_kwargs)
+        super().__init__(*network, label_smoothing, optimizer, lr_scheduler)
         if unlabeled_weight < 0:
             raise ConfigError(f"model.unlabeled_weight must be >= 0, got {unlabeled_weight}")
         self.pseudo_labels: PseudoLabels | None = None
