@@ -75,7 +75,7 @@ def test_frozen_teacher_labels_the_clean_view_and_the_student_sees_the_strong_on
             batches.append(batch)
 
     data = tiny_data(augment="strong", strong_augment="strong")
-    student = Spy(str(teacher_checkpoint), hard_labels=True, model_kwargs={"drop_rate": 0.3})
+    student = Spy(str(teacher_checkpoint), hard_labels=True, drop_rate=0.3)
     student.net.register_forward_hook(lambda m, inputs, out: m.training and student_inputs.append(inputs[0]))
     quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(student, data)
 

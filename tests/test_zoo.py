@@ -128,3 +128,9 @@ def test_config_fast_dev_run(config, tmp_path, monkeypatch):
     assert cli.trainer.state.finished and cli.trainer.global_step == 1
     assert cli.model.hparams.model == SEED_ARCHITECTURES[config]
     assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])
+
+
+def test_drop_rate_set_twice_is_a_clear_error():
+    with pytest.raises(ConfigError, match="drop_rate is set twice"):
+        ImageClassifier("lenet5", drop_rate=0.1, model_kwargs={"drop_rate": 0.2})
+    assert ImageClassifier("lenet5", model_kwargs={"drop_rate": 0.2}).net.drop.p == 0.2

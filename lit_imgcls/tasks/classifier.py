@@ -88,16 +88,13 @@ class ImageClassifier(pl.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.optimizer_factory = optimizer or default_optimizer
         self.scheduler_factory = lr_scheduler
-        self.net = create_model(
-            model,
-            num_classes,
-            in_chans,
-            pretrained,
-            small_input,
-            drop_rate=drop_rate,
-            drop_path_rate=drop_path_rate,
-            **(model_kwargs or {}),
-        )
+        options = dict(model_kwargs or {})
+        for name, value in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)):
+            if value is not None:
+                if name in options:
+                    raise ConfigError(f"{name} is set twice (model.{name} and model.model_kwargs): keep one")
+                options[name] = value
+        self.net = create_model(model, num_classes, in_chans, pretrained, small_input, **options)
         self._check_finetune_options()
         self.pretrained_loaded = False
         self.backbone_frozen = finetune in ("linear_probe", "gradual") and unfreeze_epoch > 0

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from lit_imgcls.errors import ConfigError, UserError
@@ -60,8 +59,7 @@ class DistillationModule(ImageClassifier):
             `clean`: labeled batches give the teacher the un-augmented image, unlabeled batches the weak view
             (`data.weak_augment`; `none` makes it clean). On unlabeled batches the student sees the strong view
             (`data.strong_augment`).
-        model, num_classes, in_chans, pretrained, small_input, model_kwargs, label_smoothing, optimizer,
-            lr_scheduler: the student, as in `ImageClassifier`.
+        **kwargs: the student: every `ImageClassifier` argument (model, drop_rate, optimizer, ...).
 
     The teacher is built in `setup("fit")`, frozen, kept in eval mode and out of the optimizer and of checkpoints:
     a student checkpoint loads without the teacher, also as a plain `ImageClassifier` (see `export_student`).
@@ -77,18 +75,9 @@ class DistillationModule(ImageClassifier):
         alpha: float = 0.9,
         unlabeled_weight: float = 1.0,
         teacher_view: Literal["same", "clean"] = "same",
-        model: str = "lenet5",
-        num_classes: int = 10,
-        in_chans: int = 1,
-        pretrained: bool = False,
-        small_input: bool = False,
-        model_kwargs: dict[str, Any] | None = None,
-        label_smoothing: float = 0.0,
-        optimizer: OptimizerCallable | None = None,
-        lr_scheduler: LRSchedulerCallable | None = None,
+        **kwargs: Any,
     ) -> None:
-        student = (model, num_classes, in_chans, pretrained, small_input, model_kwargs, label_smoothing)
-        super().__init__(*student, optimizer, lr_scheduler)
+        super().__init__(**kwargs)
         if method not in TRAIN_DATA:
             raise ConfigError(f"unknown method {method!r}: choose one of {', '.join(TRAIN_DATA)}")
         if teacher_view not in ("same", "clean"):

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
@@ -41,8 +40,8 @@ class NoisyStudent(ImageClassifier):
             as the official code does); None keeps every image that passes the threshold.
         unlabeled_weight: weight of the pseudo-label term.
         label_batch_size: teacher batch size while labeling; default: the data's eval batch size.
-        Other arguments: as `ImageClassifier`; noise the student with
-            `model_kwargs: {drop_rate: ..., drop_path_rate: ...}` and `data.strong_augment`.
+        **kwargs: the student: every `ImageClassifier` argument; noise it with `drop_rate`, `drop_path_rate`
+            (stochastic depth, timm models) and `data.strong_augment`.
     """
 
     train_data = "combined"
@@ -55,18 +54,9 @@ class NoisyStudent(ImageClassifier):
         confidence_threshold: float = 0.0,
         per_class: int | None = None,
         unlabeled_weight: float = 1.0,
-        model: str = "lenet5",
-        num_classes: int = 10,
-        in_chans: int = 1,
-        pretrained: bool = False,
-        small_input: bool = False,
-        model_kwargs: dict[str, Any] | None = None,
-        label_smoothing: float = 0.0,
-        optimizer: OptimizerCallable | None = None,
-        lr_scheduler: LRSchedulerCallable | None = None,
+        **kwargs: Any,
     ) -> None:
-        network = (model, num_classes, in_chans, pretrained, small_input, model_kwargs)
-        super().__init__(*network, label_smoothing, optimizer, lr_scheduler)
+        super().__init__(**kwargs)
         if unlabeled_weight < 0:
             raise ConfigError(f"model.unlabeled_weight must be >= 0, got {unlabeled_weight}")
         self.pseudo_labels: PseudoLabels | None = None
