@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+from unittest import mock
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -31,6 +36,50 @@ class LitImgClsCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
 
 
+CLI_OPTIONS: dict[str, Any] = dict(
+    model_class=pl.LightningModule,
+    datamodule_class=ImageDataModule,
+    subclass_mode_model=True,
+    auto_configure_optimizers=False,
+    save_config_kwargs={"overwrite": True},
+)
+
+
+class Experiment(NamedTuple):
+    """What a config file builds: the task, the data and the Trainer, ready for `trainer.fit(model, datamodule)`."""
+
+    model: pl.LightningModule
+    datamodule: ImageDataModule
+    trainer: pl.Trainer
+
+
+def instantiate_from_config(config: str | Path, overrides: Mapping[str, Any] | Sequence[str] = ()) -> Experiment:
+    """Build the model, datamodule and Trainer of a `lit-imgcls fit` config in Python (notebooks, scripts).
+
+    The same parser as the command line, so the same YAML and the same defaults; `seed_everything` is applied.
+    `overrides` are command-line options (`["--trainer.max_epochs=2"]`) or a mapping of dotted keys to values
+    (`{"trainer.max_epochs": 2, "data.train_subset": 1000}`). A mistake raises instead of exiting.
+    """
+    if isinstance(overrides, Mapping):
+        overrides = [
+            f"--{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in overrides.items()
+        ]
+    try:  # the process's own argv (pytest's, a Jupyter kernel's) is not for this parser
+        with mock.patch.object(sys, "argv", sys.argv[:1]):
+            cli = LitImgClsCLI(
+                **CLI_OPTIONS,
+                run=False,
+                parser_kwargs={"exit_on_error": False},
+                args=["--config", str(config), *overrides],
+            )
+    except Exception as err:
+        user_error = _user_error(err)
+        if user_error is None or user_error is err:
+            raise
+        raise user_error from None
+    return Experiment(cli.model, cli.datamodule, cli.trainer)
+
+
 def _user_error(err: BaseException) -> UserError | None:
     """The UserError behind `err`, if any (jsonargparse wraps errors raised while instantiating)."""
     while err is not None:
@@ -43,14 +92,7 @@ def _user_error(err: BaseException) -> UserError | None:
 def main(args: ArgsType = None) -> None:
     """Entry point of `lit-imgcls` and `python -m lit_imgcls`."""
     try:
-        LitImgClsCLI(
-            pl.LightningModule,
-            ImageDataModule,
-            subclass_mode_model=True,
-            auto_configure_optimizers=False,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-        )
+        LitImgClsCLI(**CLI_OPTIONS, args=args)
     except Exception as err:
         user_error = _user_error(err)
         if user_error is None:
