@@ -168,12 +168,14 @@ class DistillationModule(ImageClassifier):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the teacher out: it is rebuilt from `teacher` when a fit resumes."""
+        super().on_save_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("teacher.")]:
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resuming a fit (teacher already built): put its own weights back so strict loading passes."""
+        super().on_load_checkpoint(checkpoint)
         if self.teacher is not None:
             checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
 
