@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
+from lit_imgcls.models.head import FeaturesDropFC
 
-class CNN4(nn.Module):
+
+class CNN4(FeaturesDropFC):
     """conv3x3(w) - pool - conv3x3(2w) - pool - conv3x3(4w) - conv3x3(4w) - pool - fc256 - fc(num_classes).
 
     Every convolution has BatchNorm and ReLU; an adaptive pool gives a 3x3 map for any input size. Follows timm's
@@ -34,21 +35,4 @@ class CNN4(nn.Module):
             nn.ReLU(inplace=True),
         )
         self.drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(self.num_features, num_classes)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.drop(x)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes)

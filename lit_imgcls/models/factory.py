@@ -12,11 +12,12 @@ from torch import nn
 
 from lit_imgcls.errors import ConfigError
 from lit_imgcls.models.cnn import CNN4
+from lit_imgcls.models.fast_resnet import FastResNet
 from lit_imgcls.models.lenet import LeNet5
 from lit_imgcls.models.small_input import adapt_to_small_input
 from lit_imgcls.models.torchvision_models import TORCHVISION_MODELS, load_torchvision_pretrained
 
-PROJECT_MODELS: dict[str, Callable[..., nn.Module]] = {"lenet5": LeNet5, "cnn4": CNN4}
+PROJECT_MODELS: dict[str, Callable[..., nn.Module]] = {"lenet5": LeNet5, "cnn4": CNN4, "fast_resnet": FastResNet}
 LOCAL_MODELS: dict[str, Callable[..., nn.Module]] = {**PROJECT_MODELS, **TORCHVISION_MODELS}
 
 
@@ -37,7 +38,7 @@ def create_model(
 ) -> nn.Module:
     """Build `name` for `num_classes` classes and `in_chans` input channels.
 
-    Names: `lenet5` and `cnn4` (this project's), `alexnet` and `googlenet` (torchvision's), or any timm name
+    Names: `lenet5`, `cnn4` and `fast_resnet` (this project's), `alexnet` and `googlenet` (torchvision's), or any timm name
     (`vgg16_bn`, `resnet18`, `densenet121`, `seresnet18`, `efficientnet_b0`, ...). `pretrained=True` loads
     ImageNet weights (timm's hub or torchvision's, downloaded on first use), the stem adapted to `in_chans`.
     `small_input=True` adapts ImageNet stems to 28-32 px images (see `lit_imgcls.models.small_input`).

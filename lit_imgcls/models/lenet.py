@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
+from lit_imgcls.models.head import FeaturesDropFC
 
-class LeNet5(nn.Module):
+
+class LeNet5(FeaturesDropFC):
     """conv5x5(6) - pool - conv5x5(16) - pool - fc120 - fc84 - fc(num_classes).
 
     The first convolution pads by 2 so 28x28 inputs keep the paper's 32x32 geometry; an adaptive pool makes
@@ -40,20 +41,3 @@ class LeNet5(nn.Module):
         )
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(84, num_classes)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.drop(x)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes)
