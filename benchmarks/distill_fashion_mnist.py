@@ -1,113 +1,135 @@
-"""Knowledge distillation on Fashion-MNIST: LeNet-5 alone against LeNet-5 distilled (labeled method) from a CNN4
-teacher, at the same epoch budget, seeds and data (55,000 training images, the configs' split; augmentation: flip).
+"""Knowledge distillation on Fashion-MNIST: LeNet-5 alone against LeNet-5 distilled from the FastResNet teacher,
+both trained by the shipped config (configs/distill/labeled.yaml: same data, augmentation, epochs and seeds; the
+student alone is the config's student without the teacher).
 
-The teacher is trained once by its documented config (writes checkpoints/fashion_mnist_cnn4_teacher.ckpt):
+The teacher is trained once by its documented config (writes checkpoints/fashion_mnist_fast_resnet_teacher.ckpt):
 
-    lit-imgcls fit --config configs/distill/teacher_cnn4.yaml --test_after_fit=true
-    python benchmarks/distill_fashion_mnist.py [--epochs 5] [--seeds 0 1 2] [--temperature 4] [--alpha 0.9]
+    lit-imgcls fit --config configs/distill/teacher_fast_resnet.yaml --test_after_fit=true
+    python benchmarks/distill_fashion_mnist.py [--seeds 0 1 2] [--workers 2] [-- --model.init_args.alpha=0.5 ...]
 
-Each finished run is appended to `--results` (JSON lines) and skipped when the script is started again, so a
-long benchmark can be resumed. Prints every run's test accuracy, then one JSON line: teacher, student_alone and
-distilled (means over seeds), gap_recovered = (distilled - alone) / (teacher - alone), seeds, epochs.
+Options after `--` override the config for both runs (data, trainer) or for the distilled run (model.init_args.*
+distillation options). Each run uses one CPU thread; `--workers` runs that many at once. Finished runs are appended
+to `--results` (JSON lines) and reused when the script is started again with the same settings. Prints every run's
+test accuracy (last epoch), then one JSON line: teacher, student_alone and distilled (means over seeds, with std
+and per-seed lists), gain, gap_recovered = (distilled - alone) / (teacher - alone), seeds, epochs, settings.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
-from lit_imgcls.data import ImageDataModule
-from lit_imgcls.tasks import DistillationModule, ImageClassifier
+from lit_imgcls.cli import instantiate_from_config
+from lit_imgcls.tasks import ImageClassifier
 from lit_imgcls.tasks.checkpoints import load_task
 
-DATA = {"val_size": 5000, "batch_size": 128, "augment": "basic", "crop_padding": 0, "hflip": True}
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "distill" / "labeled.yaml"
+QUIET = {
+    "trainer.logger": False,
+    "trainer.enable_checkpointing": False,
+    "trainer.enable_progress_bar": False,
+    "trainer.enable_model_summary": False,
+    "trainer.callbacks": [],
+    "trainer.limit_val_batches": 0,
+}
 
 
-def test_accuracy(module: pl.LightningModule, datamodule: ImageDataModule) -> float:
+def test_accuracy(module: pl.LightningModule, datamodule: pl.LightningDataModule) -> float:
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     return trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"]
 
 
-def train_and_test(kind: str, seed: int, args: argparse.Namespace) -> float:
-    """Fit `kind` (alone | distilled) for `args.epochs` epochs with `seed`; test accuracy of the last epoch."""
-    pl.seed_everything(seed)
+def student_alone(distiller: pl.LightningModule) -> ImageClassifier:
+    """The distillation config's student as a plain ImageClassifier (same architecture and optimizer)."""
+    keep = set(inspect.signature(ImageClassifier.__init__).parameters) - {"self", "optimizer", "lr_scheduler"}
+    options = {key: value for key, value in distiller.hparams.items() if key in keep}
+    return ImageClassifier(**options, optimizer=distiller.optimizer_factory, lr_scheduler=distiller.scheduler_factory)
+
+
+def run(kind: str, seed: int, config: str, overrides: list[str]) -> tuple[float, float]:
+    """Fit `kind` (alone | distilled) with `seed`; (test accuracy of the last epoch, seconds)."""
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    quiet = [f"--{key}={json.dumps(value)}" for key, value in QUIET.items()]
+    model, datamodule, trainer = instantiate_from_config(config, [f"--seed_everything={seed}", *quiet, *overrides])
     if kind == "alone":
-        module = ImageClassifier(model="lenet5")
-    else:
-        module = DistillationModule(
-            teacher=args.teacher,
-            temperature=args.temperature,
-            alpha=args.alpha,
-            teacher_view=args.teacher_view,
-        )
-    datamodule = ImageDataModule(**DATA)
-    trainer = pl.Trainer(
-        max_epochs=args.epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, datamodule=datamodule)
-    return test_accuracy(module, datamodule)
+        pl.seed_everything(seed)
+        model = student_alone(model)
+    trainer.fit(model, datamodule=datamodule)
+    return test_accuracy(model, datamodule), time.perf_counter() - start
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    return {"mean": round(statistics.mean(values), 4), "std": round(statistics.pstdev(values), 4)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher", default="checkpoints/fashion_mnist_cnn4_teacher.ckpt")
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--config", default=str(CONFIG))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--temperature", type=float, default=4.0)
-    parser.add_argument("--alpha", type=float, default=0.9)
-    parser.add_argument("--teacher_view", choices=["same", "clean"], default="same")
+    parser.add_argument("--workers", type=int, default=2, help="runs at once, one CPU thread each")
     parser.add_argument("--results", default="runs/distill_benchmark.jsonl")
+    parser.add_argument("overrides", nargs="*", help="config options for both runs, after --")
     args = parser.parse_args()
-    if not Path(args.teacher).is_file():
-        raise SystemExit(f"{args.teacher} missing: lit-imgcls fit --config configs/distill/teacher_cnn4.yaml")
-    torch.set_num_threads(1)
-
-    setting = {"epochs": args.epochs, "temperature": args.temperature, "alpha": args.alpha, "view": args.teacher_view}
+    model, datamodule, trainer = instantiate_from_config(args.config, args.overrides)
+    teacher_path = model.hparams.teacher
+    if not Path(teacher_path).is_file():
+        raise SystemExit(f"{teacher_path} missing: lit-imgcls fit --config configs/distill/teacher_fast_resnet.yaml")
+    hp = model.hparams
+    setting = {
+        "config": Path(args.config).name,
+        "epochs": trainer.max_epochs,
+        "temperature": hp.temperature,
+        "alpha": hp.alpha,
+        "view": hp.teacher_view,
+        "overrides": args.overrides,
+    }
     results_file = Path(args.results)
     results_file.parent.mkdir(parents=True, exist_ok=True)
     done = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.is_file() else []
-    teacher = test_accuracy(load_task(args.teacher), ImageDataModule(**DATA))
-    print(f"teacher {args.teacher}: test acc {teacher:.4f}", flush=True)
+    teacher = test_accuracy(load_task(teacher_path), datamodule)
+    print(f"teacher {teacher_path}: test acc {teacher:.4f}", flush=True)
+    jobs = [(kind, seed) for seed in args.seeds for kind in ("alone", "distilled")]
+    keys = {job: {**setting, "kind": job[0], "seed": job[1]} for job in jobs}
+    found = {job: next((r for r in done if all(r.get(k) == v for k, v in keys[job].items())), None) for job in jobs}
+    todo = [job for job in jobs if found[job] is None]
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        futures = {job: pool.submit(run, *job, args.config, args.overrides) for job in todo}
+        for job, future in futures.items():
+            acc, seconds = future.result()
+            found[job] = {**keys[job], "acc": acc, "seconds": round(seconds, 1)}
+            with results_file.open("a") as f:
+                f.write(json.dumps(found[job]) + "\n")
     accuracy: dict[str, list[float]] = {"alone": [], "distilled": []}
-    for seed in args.seeds:
-        for kind in ("alone", "distilled"):
-            key = {**setting, "kind": kind, "seed": seed}
-            if kind == "alone":  # the student alone does not depend on the distillation settings
-                key = {"epochs": args.epochs, "kind": kind, "seed": seed}
-            previous = [r for r in done if all(r.get(k) == v for k, v in key.items()) and len(r) == len(key) + 2]
-            if previous:
-                acc, seconds = previous[0]["acc"], previous[0]["seconds"]
-            else:
-                start = time.perf_counter()
-                acc = train_and_test(kind, seed, args)
-                seconds = time.perf_counter() - start
-                with results_file.open("a") as f:
-                    f.write(json.dumps({**key, "acc": acc, "seconds": round(seconds, 1)}) + "\n")
-            accuracy[kind].append(acc)
-            print(f"seed {seed} {kind:9s}: test acc {acc:.4f} ({seconds:.0f} s)", flush=True)
-    alone, distilled = statistics.mean(accuracy["alone"]), statistics.mean(accuracy["distilled"])
+    for kind, seed in jobs:
+        record = found[(kind, seed)]
+        accuracy[kind].append(record["acc"])
+        print(f"seed {seed} {kind:9s}: test acc {record['acc']:.4f} ({record['seconds']:.0f} s)", flush=True)
+    alone, distilled = summary(accuracy["alone"]), summary(accuracy["distilled"])
+    gap = teacher - alone["mean"]
     result = {
         "teacher": round(teacher, 4),
-        "student_alone": round(alone, 4),
-        "distilled": round(distilled, 4),
-        "gap_recovered": round((distilled - alone) / (teacher - alone), 3) if teacher != alone else None,
-        "seeds": len(args.seeds),
-        "epochs": args.epochs,
-        "alone_runs": accuracy["alone"],
-        "distilled_runs": accuracy["distilled"],
-        **{k: v for k, v in setting.items() if k != "epochs"},
+        "student_alone": alone["mean"],
+        "student_alone_std": alone["std"],
+        "distilled": distilled["mean"],
+        "distilled_std": distilled["std"],
+        "gain": round(distilled["mean"] - alone["mean"], 4),
+        "gap_recovered": round((distilled["mean"] - alone["mean"]) / gap, 3) if gap > 0 else None,
+        "every_distilled_beats_every_alone": min(accuracy["distilled"]) > max(accuracy["alone"]),
+        "seeds": args.seeds,
+        "alone_runs": [round(a, 4) for a in accuracy["alone"]],
+        "distilled_runs": [round(a, 4) for a in accuracy["distilled"]],
+        **setting,
     }
     print(json.dumps(result))
 

@@ -1,6 +1,7 @@
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 
 from lit_imgcls.data import ImageDataModule
 from lit_imgcls.errors import ConfigError
@@ -11,14 +12,8 @@ pytestmark = needs_fashion_mnist
 
 
 def quiet_trainer(**kwargs) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    options = {"accelerator": "cpu", "logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    return pl.Trainer(**{**options, "enable_model_summary": False, **kwargs})
 
 
 def test_learns_fashion_mnist_in_seconds():
@@ -32,6 +27,24 @@ def test_learns_fashion_mnist_in_seconds():
     (result,) = trainer.test(model, dm, verbose=False)
     assert result["test/acc"] > 0.65
     assert result["test/acc_top5"] > result["test/acc"]
+
+
+def test_fast_resnet_with_weight_ema_learns_and_evaluates_the_average(tmp_path):
+    """EMAWeightAveraging from Lightning: the checkpoint's state_dict and the tested weights are the average."""
+    pl.seed_everything(0)
+    dm = ImageDataModule(train_subset=2000, val_size=500, test_subset=1000, batch_size=64, augment="none")
+    model = ImageClassifier("fast_resnet", channels_last=True, label_smoothing=0.1)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="best", monitor="val/acc", mode="max", save_last=True)
+    callbacks = [EMAWeightAveraging(decay=0.9), checkpoint]
+    trainer = quiet_trainer(max_epochs=2, callbacks=callbacks, enable_checkpointing=True)
+    trainer.fit(model, dm)
+    best = torch.load(tmp_path / "best.ckpt", weights_only=False)  # saved mid-fit: the average and the raw weights
+    average, raw = best["state_dict"], best["current_model_state"]
+    assert any(not torch.equal(average[k], raw[k]) for k in average if k.startswith("net."))
+    final_average = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.equal(v, final_average[f"net.{k}"]) for k, v in model.net.state_dict().items())
+    (result,) = trainer.test(model, dm, verbose=False)
+    assert result["test/acc"] > 0.7
 
 
 def test_soft_targets_train_too():

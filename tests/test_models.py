@@ -51,3 +51,27 @@ def test_small_input_on_unsupported_model_is_an_error():
 def test_available_models_covers_local_and_timm():
     names = available_models()
     assert "lenet5" in names and "resnet18" in names and "efficientnet_b0" in names
+
+
+@pytest.mark.parametrize(("in_chans", "size"), [(1, 28), (3, 32)])
+def test_fast_resnet_shapes_and_timm_interface(in_chans, size):
+    model = create_model("fast_resnet", num_classes=10, in_chans=in_chans)
+    x = torch.randn(4, in_chans, size, size)
+    features = model.forward_features(x)
+    assert features.shape == (4, model.num_features) == (4, 128)
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    model.reset_classifier(3)
+    assert model(x).shape == (4, 3) and model.get_classifier().out_features == 3
+
+
+def test_fast_resnet_scales_its_pooled_features_and_has_stochastic_depth():
+    """The 0.125 scale keeps the first logits small (without it SGD at lr 0.2 stalls); drop_path reaches both blocks."""
+    model = create_model("fast_resnet", num_classes=10, in_chans=1, drop_path_rate=0.2).eval()
+    x = torch.randn(8, 1, 28, 28)
+    unscaled = model.features[:-1](x)
+    torch.testing.assert_close(model.forward_features(x), unscaled * 0.125)
+    rates = [m.drop_prob for m in model.modules() if m.__class__.__name__ == "DropPath"]
+    assert rates == pytest.approx([0.1, 0.2])
+    with pytest.raises(ValueError, match="widths must be 4"):
+        create_model("fast_resnet", num_classes=10, widths=(8, 16))

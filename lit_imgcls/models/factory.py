@@ -38,8 +38,8 @@ def create_model(
 ) -> nn.Module:
     """Build `name` for `num_classes` classes and `in_chans` input channels.
 
-    Names: `lenet5`, `cnn4` and `fast_resnet` (this project's), `alexnet` and `googlenet` (torchvision's), or any timm name
-    (`vgg16_bn`, `resnet18`, `densenet121`, `seresnet18`, `efficientnet_b0`, ...). `pretrained=True` loads
+    Names: `lenet5`, `cnn4` and `fast_resnet` (this project's), `alexnet` and `googlenet` (torchvision's), or any timm
+    name (`vgg16_bn`, `resnet18`, `densenet121`, `seresnet18`, `efficientnet_b0`, ...). `pretrained=True` loads
     ImageNet weights (timm's hub or torchvision's, downloaded on first use), the stem adapted to `in_chans`.
     `small_input=True` adapts ImageNet stems to 28-32 px images (see `lit_imgcls.models.small_input`).
     `drop_rate` (dropout before the classifier) and `drop_path_rate` (stochastic depth) go to models that have

@@ -98,6 +98,8 @@ class DistillationModule(ImageClassifier):
             kwargs = hp.teacher_model_kwargs or {}
             with torch.random.fork_rng(devices=[]):  # building it must not shift the student's random stream
                 teacher = build_teacher(hp.teacher, hp.teacher_model, hp.num_classes, hp.in_chans, **kwargs)
+            if hp.channels_last:
+                teacher.to(memory_format=torch.channels_last)
             self.teacher = teacher.requires_grad_(False).eval()
             self.check_teacher(getattr(self.trainer, "datamodule", None))
 

@@ -1,0 +1,114 @@
+"""Plots and Markdown tables of the stored results (docs/results/<section>.json, written by benchmarks/results.py)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def machine_label(record: dict[str, Any]) -> str:
+    m = record["machine"]
+    where = m["gpu"] or f"{m['cores']}-core CPU ({m['capability']})"
+    return f"{where}, torch {m['torch'].split('+')[0]}"
+
+
+def bars(ax: plt.Axes, names: list[str], means: list[float], stds: list[float], runs: list[list[float]]) -> None:
+    """Mean with a std error bar per setting, and every seed's value as a dot."""
+    ax.bar(names, means, yerr=stds, capsize=4, color="#9ecae1", edgecolor="#3182bd")
+    for i, values in enumerate(runs):
+        ax.scatter([i] * len(values), values, color="#08519c", zorder=3, s=14)
+    low = min(v for values in runs for v in values)
+    ax.set_ylim(low - 0.01, max(means) + 0.01)
+    ax.set_ylabel("test accuracy")
+
+
+def fast_resnet(record: dict[str, Any], ax: plt.Axes) -> str:
+    row = record["rows"][-1]
+    for seed, curve in zip(row["seeds"], row["val_acc_curves"], strict=True):
+        ax.plot(range(1, len(curve) + 1), curve, marker=".", label=f"seed {seed}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val accuracy (EMA weights)")
+    ax.set_ylim(0.88, 0.95)
+    ax.legend()
+    ax.set_title(f"FastResNet: test {row['ema']['mean']:.4f} (EMA) vs {row['raw']['mean']:.4f} (raw)")
+    return "| weights | test accuracy (mean ± std) | per seed |\n|---|---|---|\n" + "\n".join(
+        f"| {k} | {row[k]['mean']:.4f} ± {row[k]['std']:.4f} | {row[k]['runs']} |" for k in ("ema", "raw")
+    )
+
+
+def distill(record: dict[str, Any], ax: plt.Axes) -> str:
+    row = record["rows"][-1]
+    runs = [[row["teacher"]], row["alone_runs"], row["distilled_runs"]]
+    means = [row["teacher"], row["student_alone"], row["distilled"]]
+    stds = [0.0, row["student_alone_std"], row["distilled_std"]]
+    bars(ax, ["teacher (FastResNet)", "LeNet-5 alone", "LeNet-5 distilled"], means, stds, runs)
+    ax.set_title(f"distillation: gain {row['gain']:+.4f}, {row['gap_recovered']:.0%} of the gap recovered")
+    return (
+        "| model | test accuracy (mean ± std) | per seed |\n|---|---|---|\n"
+        f"| teacher | {row['teacher']:.4f} | |\n"
+        f"| student alone | {row['student_alone']:.4f} ± {row['student_alone_std']:.4f} | {row['alone_runs']} |\n"
+        f"| distilled | {row['distilled']:.4f} ± {row['distilled_std']:.4f} | {row['distilled_runs']} |"
+    )
+
+
+def noisy_student(record: dict[str, Any], ax: plt.Axes) -> str:
+    row = record["rows"][-1]
+    values = [row["teacher"], *row["generations"]]
+    names = ["teacher", *(f"gen {i}" for i in range(1, len(values)))]
+    ax.plot(names, values, marker="o")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"noisy student, {row['labels_per_class']} labels per class")
+    rows = [f"| {name} | {value:.4f} |" for name, value in zip(names, values, strict=True)]
+    return "| model | test accuracy |\n|---|---|\n" + "\n".join(rows)
+
+
+def transfer(record: dict[str, Any], ax: plt.Axes) -> str:
+    row = record["rows"][-1]
+    labels = [key for key in row if key.isdigit()]
+    modes = list(row[labels[0]])
+    width = 0.8 / len(modes)
+    for i, mode in enumerate(modes):
+        xs = [j + i * width for j in range(len(labels))]
+        ax.bar(xs, [row[n][mode] for n in labels], width, yerr=[row["std"][n][mode] for n in labels], label=mode)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], [f"{n} labels/class" for n in labels])
+    ax.set_ylim(0.7, 1.0)
+    ax.set_ylabel("test accuracy (classes 5-9)")
+    ax.legend()
+    cells = {n: " | ".join(f"{row[n][m]:.4f} ± {row['std'][n][m]:.4f}" for m in modes) for n in labels}
+    lines = [f"| {n} | {cells[n]} |" for n in labels]
+    return f"| labels per class | {' | '.join(modes)} |\n|---|{'---|' * len(modes)}\n" + "\n".join(lines)
+
+
+DRAWERS: dict[str, Callable[[dict[str, Any], plt.Axes], str]] = {
+    "fast_resnet": fast_resnet,
+    "distill": distill,
+    "noisy_student": noisy_student,
+    "transfer": transfer,
+}
+
+
+def draw_all(results: Path, docs: Path) -> list[Path]:
+    """One PNG per stored section (docs/results_<section>.png); prints each section's Markdown table."""
+    written = []
+    for name, draw in DRAWERS.items():
+        path = results / f"{name}.json"
+        if not path.is_file():
+            continue
+        record = json.loads(path.read_text())
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        table = draw(record, ax)
+        fig.text(0.99, 0.01, machine_label(record), ha="right", fontsize=7, color="gray")
+        fig.tight_layout()
+        out = docs / f"results_{name}.png"
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+        print(f"\n### {name} ({machine_label(record)})\n{table}")
+        written.append(out)
+    return written
