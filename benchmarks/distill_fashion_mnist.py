@@ -34,6 +34,10 @@ from lit_imgcls.tasks.checkpoints import load_task
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "distill" / "labeled.yaml"
+DISTILL_OPTIONS = ("temperature", "alpha", "view")
+DISTILL_OVERRIDES = tuple(
+    f"--model.init_args.{name}" for name in ("teacher", "temperature", "alpha", "teacher_view", "unlabeled_weight")
+)
 QUIET = {
     "trainer.logger": False,
     "trainer.enable_checkpointing": False,
@@ -101,6 +105,10 @@ def main() -> None:
     print(f"teacher {teacher_path}: test acc {teacher:.4f}", flush=True)
     jobs = [(kind, seed) for seed in args.seeds for kind in ("alone", "distilled")]
     keys = {job: {**setting, "kind": job[0], "seed": job[1]} for job in jobs}
+    for job in jobs:  # the student alone does not depend on the distillation options: reuse it across them
+        if job[0] == "alone":
+            keys[job] = {k: v for k, v in keys[job].items() if k not in DISTILL_OPTIONS}
+            keys[job]["overrides"] = [o for o in args.overrides if not o.startswith(DISTILL_OVERRIDES)]
     found = {job: next((r for r in done if all(r.get(k) == v for k, v in keys[job].items())), None) for job in jobs}
     todo = [job for job in jobs if found[job] is None]
     with ProcessPoolExecutor(max_workers=args.workers) as pool:

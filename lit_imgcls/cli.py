@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 from unittest import mock
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from lit_imgcls.callbacks import PredictionWriter
@@ -27,13 +28,25 @@ class LitImgClsCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
 
     def after_fit(self) -> None:
-        if not self.config[self.subcommand].get("test_after_fit"):
-            return
-        checkpoint = self.trainer.checkpoint_callback
-        ckpt_path = "best" if checkpoint is not None and getattr(checkpoint, "best_model_path", "") else None
-        if ckpt_path is not None:
-            print(f"testing the best checkpoint: {checkpoint.best_model_path}")
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
+        if self.config[self.subcommand].get("test_after_fit"):
+            evaluate_best_checkpoint(self.trainer, self.model, self.datamodule)
+
+
+def evaluate_best_checkpoint(
+    trainer: pl.Trainer, model: pl.LightningModule, datamodule: pl.LightningDataModule
+) -> list[dict[str, float]]:
+    """Test the best checkpoint of the fit that just ended (its last weights when no checkpoint was kept).
+
+    Weight-averaging callbacks (EMAWeightAveraging) are dropped first: the checkpoint's `state_dict` holds the
+    averaged weights, and Lightning's callback, still holding its average after the fit, would load the raw ones
+    (`current_model_state`) over them.
+    """
+    checkpoint = trainer.checkpoint_callback
+    ckpt_path = "best" if checkpoint is not None and getattr(checkpoint, "best_model_path", "") else None
+    if ckpt_path is not None:
+        print(f"testing the best checkpoint: {checkpoint.best_model_path}")
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, WeightAveraging)]
+    return trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
 
 CLI_OPTIONS: dict[str, Any] = dict(

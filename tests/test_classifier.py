@@ -3,6 +3,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 
+from lit_imgcls.cli import evaluate_best_checkpoint
 from lit_imgcls.data import ImageDataModule
 from lit_imgcls.errors import ConfigError
 from lit_imgcls.tasks import ImageClassifier
@@ -45,6 +46,8 @@ def test_fast_resnet_with_weight_ema_learns_and_evaluates_the_average(tmp_path):
     assert all(torch.equal(v, final_average[f"net.{k}"]) for k, v in model.net.state_dict().items())
     (result,) = trainer.test(model, dm, verbose=False)
     assert result["test/acc"] > 0.7
+    evaluate_best_checkpoint(trainer, model, dm)  # --test_after_fit: the best checkpoint's averaged weights
+    assert all(torch.equal(v, average[f"net.{k}"]) for k, v in model.net.state_dict().items())
 
 
 def test_soft_targets_train_too():
