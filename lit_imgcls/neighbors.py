@@ -1,8 +1,10 @@
-"""Exact k-nearest-neighbour search and voting with chunked matrix products (CPU or GPU).
+"""Exact k-nearest-neighbour search and voting (CPU or GPU) that scores only the pairs it cannot rule out.
 
-Search: for each chunk of queries, score the whole bank with one matrix product (optionally in bf16 where
-the hardware has fast bf16 units), keep the best `candidates` per query, then re-rank those exactly in
-float64 so the neighbours and their order match an exact search (scikit-learn's brute force).
+Search, per chunk of queries: a lower bound of every (query, bank) distance comes from one matrix product
+(`LowerBound`: the vectors themselves for `brute`, top principal components + residual norm for `pruned`). The
+best candidates by bound get exact float64 distances; a query is done once the next candidate's bound exceeds its
+k-th exact distance, otherwise every bank row whose bound does not exceed it is scored. Neighbours, their order and
+the tie rule (lower bank index first) are those of an exact brute-force search (scikit-learn's).
 """
 
 from __future__ import annotations
@@ -12,8 +14,16 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from lit_imgcls.neighbors_bounds import LowerBound, PairDistances
+
 Metric = Literal["euclidean", "cosine"]
 Weights = Literal["uniform", "distance", "temperature"]
+Strategy = Literal["auto", "brute", "pruned"]
+
+PRUNED_DIMS = 64
+PRUNED_MIN_BANK = 8192
+EXACT_COST = 20  # cost of one exact pair distance per dimension, in units of one dense product term (measured)
+PROBE_QUERIES = 256
 
 
 def fast_bf16_available(device: torch.device) -> bool:
@@ -23,64 +33,116 @@ def fast_bf16_available(device: torch.device) -> bool:
     return device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
 
 
-def _approximate_scores(
-    queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor, metric: Metric
-) -> torch.Tensor:
-    """Higher is nearer: -squared distance (without the query's constant norm) or cosine similarity."""
-    scores = (queries @ bank.T).float()
-    return scores if metric == "cosine" else scores.mul_(2).sub_(bank_sq)
+def _sort_by_distance_then_index(dist: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of each row of (dist, idx), ordered by distance, ties by the lower index."""
+    by_index = idx.sort(dim=1)
+    dist = dist.gather(1, by_index.indices)
+    order = dist.sort(dim=1, stable=True).indices[:, :k]
+    return dist.gather(1, order), by_index.values.gather(1, order)
 
 
-def _exact_distances(queries: torch.Tensor, candidates: torch.Tensor, metric: Metric) -> torch.Tensor:
-    """float64 distances between each query (Q, D) and its candidates (Q, C, D)."""
-    q, c = queries.double().unsqueeze(1), candidates.double()
-    if metric == "cosine":
-        return 1 - F.cosine_similarity(q, c, dim=-1, eps=1e-12)
-    return (q - c).square().sum(-1).sqrt()
+def _best_pairs(
+    rows: torch.Tensor, cols: torch.Tensor, dist: torch.Tensor, n_rows: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the k best of a flat list of (row, col, dist) pairs (cols ascending within a row)."""
+    order = dist.sort(stable=True).indices
+    order = order[rows[order].sort(stable=True).indices]
+    starts = torch.bincount(rows, minlength=n_rows).cumsum(0) - torch.bincount(rows, minlength=n_rows)
+    take = order[(starts[:, None] + torch.arange(k, device=rows.device)).flatten()].view(n_rows, k)
+    return dist[take], cols[take]
 
 
 class KNNIndex:
-    """A reference bank (N, D) prepared once (normalized, cast, squared norms) for repeated searches.
+    """A reference bank (N, D) prepared once for repeated exact searches (Euclidean, or cosine distance 1 - cos).
 
-    Distances are Euclidean, or cosine distance 1 - cos. `bf16` searches candidates in bf16 (fast on CUDA and
-    AMX/AVX512-BF16 CPUs); candidates are always re-ranked exactly in float64.
+    strategy: `brute` bounds every pair with a full-dimension product, `pruned` with `PRUNED_DIMS` principal
+    components (fewer products, more exact distances), `auto` picks pruned only for a large, high-dimensional
+    bank where a probe of bank rows predicts it is cheaper. `bf16` runs the brute-force product in bf16 (fast on
+    CUDA and AMX/AVX512-BF16 CPUs) with a margin for its rounding. Results never depend on the strategy.
     """
 
-    def __init__(self, bank: torch.Tensor, metric: Metric = "euclidean", bf16: bool = False) -> None:
+    def __init__(
+        self, bank: torch.Tensor, metric: Metric = "euclidean", bf16: bool = False, strategy: Strategy = "auto"
+    ) -> None:
+        if strategy not in ("auto", "brute", "pruned"):
+            raise ValueError(f"strategy must be auto, brute or pruned, got {strategy!r}")
         self.bank, self.metric, self.bf16 = bank, metric, bf16
-        features = F.normalize(bank.float(), dim=1) if metric == "cosine" else bank.float()
-        self.search_bank = features.to(torch.bfloat16 if bf16 else torch.float32)
-        self.bank_sq = features.square().sum(1)
+        self.exact = PairDistances(bank, metric)
+        self.vectors = self._vectors(bank)
+        self.abs_margin = 1e-13 * self.vectors.square().sum(1).max().item() + (1e-12 if metric == "cosine" else 0)
+        self.exact_pairs = 0
+        self.strategy, self.bound = self._choose(strategy)
+        del self.vectors
 
     def __len__(self) -> int:
         return len(self.bank)
+
+    def _vectors(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.double()
+        return F.normalize(x, dim=1) if self.metric == "cosine" else x
+
+    def _choose(self, strategy: Strategy) -> tuple[str, LowerBound]:
+        n, dim = self.vectors.shape
+        if strategy == "brute" or (
+            strategy == "auto" and (n < PRUNED_MIN_BANK or dim < 4 * (PRUNED_DIMS + 1))
+        ):
+            return "brute", self._brute()
+        pruned = LowerBound(self.vectors, min(PRUNED_DIMS, dim))
+        if strategy == "pruned":
+            return "pruned", pruned
+        self.strategy, self.bound = "pruned", pruned
+        probe = self.bank[torch.linspace(0, n - 1, min(PROBE_QUERIES, n), device=self.bank.device).long()]
+        self.search(probe, min(6, n))  # bank rows find themselves first: k=6 probes the cost of k=5
+        fraction, self.exact_pairs = self.exact_pairs / (len(probe) * n), 0
+        cheaper = pruned.width + fraction * EXACT_COST * dim < 0.5 * dim
+        return ("pruned", pruned) if cheaper else ("brute", self._brute())
+
+    def _brute(self) -> LowerBound:
+        return LowerBound(self.vectors, None, torch.bfloat16 if self.bf16 else torch.float32)
 
     def search(
         self, queries: torch.Tensor, k: int, chunk_size: int = 1024, candidates: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The `k` nearest bank rows of every query: (distances (Q, k) float64, indices (Q, k)), nearest first.
 
-        Ties are broken by the lower bank index.
+        Ties are broken by the lower bank index. `candidates`: exact distances computed first per query.
         """
         if k > len(self):
             raise ValueError(f"k={k} is larger than the reference bank ({len(self)} images): lower k")
-        n_candidates = min(len(self), candidates or (max(4 * k, k + 32) if self.bf16 else 2 * k + 8))
-        all_dist, all_idx = [], []
-        for start in range(0, len(queries), chunk_size):
-            chunk = queries[start : start + chunk_size].float()
-            chunk_f = F.normalize(chunk, dim=1) if self.metric == "cosine" else chunk
-            scores = _approximate_scores(
-                chunk_f.to(self.search_bank.dtype), self.search_bank, self.bank_sq, self.metric
-            )
-            cand = scores.topk(n_candidates, dim=1).indices
-            dist = _exact_distances(chunk, self.bank[cand], self.metric)
-            # stable sort on (distance, bank index): sort by index first, then stably by distance
-            by_index = cand.sort(dim=1)
-            dist = dist.gather(1, by_index.indices)
-            order = dist.sort(dim=1, stable=True).indices[:, :k]
-            all_dist.append(dist.gather(1, order))
-            all_idx.append(by_index.values.gather(1, order))
-        return torch.cat(all_dist), torch.cat(all_idx)
+        first = min(len(self), candidates or 2 * k + 8)
+        parts = [self._search_chunk(chunk, k, first) for chunk in queries.split(chunk_size)]
+        dist = torch.cat([p[0] for p in parts]) if parts else torch.empty(0, k, dtype=torch.float64)
+        idx = torch.cat([p[1] for p in parts]) if parts else torch.empty(0, k, dtype=torch.long)
+        return (dist.sqrt() if self.metric == "euclidean" else dist), idx
+
+    def _search_chunk(self, queries: torch.Tensor, k: int, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact (squared Euclidean or cosine) distances and indices of one chunk's k nearest."""
+        part, offset = self.bound.bounds(self._vectors(queries))
+        n_q, n = part.shape
+        bound_at, cand = part.topk(min(first + 1, n), dim=1, largest=False)
+        rows = torch.arange(n_q, device=part.device)
+        dist = self._exact(queries, rows.repeat_interleave(first), cand[:, :first].flatten()).view(n_q, first)
+        dist, idx = _sort_by_distance_then_index(dist, cand[:, :first], k)
+        if first == n:
+            return dist, idx
+        limit = self._bound_limit(dist[:, -1], offset)
+        pending = (bound_at[:, first] <= limit).nonzero().squeeze(1)
+        if len(pending):
+            r, c = (part[pending] <= limit[pending, None]).nonzero(as_tuple=True)
+            exact = self._exact(queries, pending[r], c)
+            dist[pending], idx[pending] = _best_pairs(r, c, exact, len(pending), k)
+        return dist, idx
+
+    def _exact(self, queries: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        self.exact_pairs += len(rows)
+        return self.exact(queries, rows, cols)
+
+    def _bound_limit(self, kth: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """fp32 limit on the bound matrix: a bank row whose bound part exceeds it is farther than `kth`."""
+        squared = 2 * kth if self.metric == "cosine" else kth  # |a - b|^2 = 2 (1 - cos) for unit vectors
+        limit64 = squared + self.abs_margin - offset
+        limit = limit64.float()
+        return torch.where(limit.double() < limit64, limit.nextafter(torch.full_like(limit, float("inf"))), limit)
 
 
 def knn_search(
@@ -91,9 +153,10 @@ def knn_search(
     chunk_size: int = 1024,
     candidates: int | None = None,
     bf16: bool = False,
+    strategy: Strategy = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One-off search: `KNNIndex(bank, metric, bf16).search(queries, k, chunk_size, candidates)`."""
-    return KNNIndex(bank, metric, bf16).search(queries, k, chunk_size, candidates)
+    """One-off search: `KNNIndex(bank, metric, bf16, strategy).search(queries, k, chunk_size, candidates)`."""
+    return KNNIndex(bank, metric, bf16, strategy).search(queries, k, chunk_size, candidates)
 
 
 def knn_vote(

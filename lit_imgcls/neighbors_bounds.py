@@ -1,0 +1,122 @@
+"""Guaranteed lower bounds on k-NN distances, and exact distances of chosen (query, bank) pairs.
+
+A `LowerBound` maps vectors to features f with ||f(q) - f(b)|| <= ||q - b||: the vectors themselves (brute force:
+the bound is only rounding away from the distance) or their projection onto the top principal components plus the
+norm of the residual, so that ||q - b||^2 >= ||P(q - b)||^2 + (||r_q|| - ||r_b||)^2. The (Q, N) bound matrix is one
+matrix product in fp32 (or bf16); a margin that covers its worst-case rounding error keeps it a true lower bound.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PCA_SAMPLE = 8192  # rows used to fit the projection: any orthonormal projection gives a valid bound
+
+
+def input_roundoff(dtype: torch.dtype) -> float:
+    """Unit roundoff of the matrix product's inputs: bf16, or fp32 unless reduced-precision fp32 products are on."""
+    if dtype == torch.bfloat16 or torch.get_float32_matmul_precision() != "highest":
+        return 2.0**-8
+    if torch.cuda.is_available() and torch.backends.cuda.matmul.allow_tf32:
+        return 2.0**-11
+    return 2.0**-24
+
+
+class LowerBound:
+    """Lower bounds of squared Euclidean distances to a (centred) bank of float64 vectors (N, D).
+
+    `dims=None` bounds with the vectors themselves (brute force); otherwise with `dims` principal components and
+    the residual norm.
+    """
+
+    def __init__(self, vectors: torch.Tensor, dims: int | None, dtype: torch.dtype = torch.float32) -> None:
+        self.mean = vectors.mean(0)
+        self.projection = None if dims is None else _principal_axes(vectors - self.mean, dims)
+        self.dtype = dtype
+        feats, sq_norm = self._features(vectors)
+        width = feats.shape[1]
+        # |computed - exact| <= eta * (|f_q|^2 + |f_b|^2): inputs and output rounded (bf16: 4 u), fp32 accumulation
+        self.eta = 2 * (4 * input_roundoff(dtype) + (width + 8) * 2.0**-24)
+        self.features = feats.to(dtype)
+        self.bank_term = (sq_norm * (1 - self.eta)).float()
+
+    @property
+    def width(self) -> int:
+        return self.features.shape[1]
+
+    def _features(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float64 features (M, width) of float64 vectors and their squared norms."""
+        centred = vectors - self.mean
+        if self.projection is None:
+            return centred, centred.square().sum(1)
+        projected = centred @ self.projection
+        total = centred.square().sum(1)
+        residual = (total - projected.square().sum(1)).clamp_min(0).sqrt()
+        return torch.cat([projected, residual[:, None]], 1), total
+
+    def bounds(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(part (Q, N) fp32, offset (Q,) float64): the bound is at most part + offset, a true lower bound."""
+        feats, sq_norm = self._features(queries)
+        feats = feats.to(self.dtype)
+        if self.dtype == torch.float32:
+            part = torch.addmm(self.bank_term, feats, self.features.T, alpha=-2)
+        else:
+            part = (feats @ self.features.T).float().mul_(-2).add_(self.bank_term)
+        return part, sq_norm * (1 - self.eta)
+
+
+def _principal_axes(centred: torch.Tensor, dims: int) -> torch.Tensor:
+    """Orthonormal (D, dims) float64 matrix of the top principal axes, fitted on an even sample of the rows."""
+    step = max(1, len(centred) // PCA_SAMPLE)
+    sample = centred[::step]
+    _, vectors = torch.linalg.eigh(sample.T @ sample)
+    return vectors[:, -dims:].flip(1).contiguous()
+
+
+def as_uint8(values: torch.Tensor) -> torch.Tensor | None:
+    """`values` as uint8 when every value is an integer in [0, 255] (raw pixels), else None."""
+    if values.dtype == torch.uint8:
+        return values
+    if values.is_floating_point() and len(values) and values.min() >= 0 and values.max() <= 255:
+        if torch.equal(values, values.round()):
+            return values.to(torch.uint8)
+    return None
+
+
+class PairDistances:
+    """Exact distances of (query row, bank row) pairs: float64 (squared Euclidean or 1 - cos), as brute force.
+
+    uint8 data (raw pixels) takes an exact fp32 path: products < 2^16 summed in blocks of 196 stay below 2^24.
+    """
+
+    BLOCK = 196
+    PAIRS_PER_STEP = 2048
+
+    def __init__(self, bank: torch.Tensor, metric: str) -> None:
+        self.metric = metric
+        self.bank_u8 = as_uint8(bank) if metric == "euclidean" else None
+        self.bank = bank if self.bank_u8 is None else None
+
+    def __call__(self, queries: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Distances (P,) between queries[rows] and bank[cols]."""
+        queries_u8 = as_uint8(queries) if self.bank_u8 is not None else None
+        out = torch.empty(len(rows), dtype=torch.float64, device=rows.device)
+        for start in range(0, len(rows), self.PAIRS_PER_STEP):
+            r, c = rows[start : start + self.PAIRS_PER_STEP], cols[start : start + self.PAIRS_PER_STEP]
+            if queries_u8 is not None:
+                out[start : start + len(r)] = self._uint8(queries_u8[r], self.bank_u8[c])
+            elif self.bank_u8 is not None:
+                out[start : start + len(r)] = (queries[r].double() - self.bank_u8[c].double()).square().sum(1)
+            elif self.metric == "cosine":
+                q, b = queries[r].double(), self.bank[c].double()
+                out[start : start + len(r)] = 1 - F.cosine_similarity(q, b, dim=1, eps=1e-12)
+            else:
+                out[start : start + len(r)] = (queries[r].double() - self.bank[c].double()).square().sum(1)
+        return out
+
+    def _uint8(self, q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        diff = q.float() - b.float()
+        pad = -diff.shape[1] % self.BLOCK
+        diff = F.pad(diff, (0, pad)) if pad else diff
+        return diff.square_().view(len(diff), -1, self.BLOCK).sum(2).double().sum(1)
