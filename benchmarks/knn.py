@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -22,6 +24,8 @@ from sklearn.neighbors import NearestNeighbors
 
 from lit_imgcls.data.datasets import load_fashion_mnist
 from lit_imgcls.neighbors import KNNIndex, fast_bf16_available, knn_vote
+
+T = TypeVar("T")
 
 
 def lenet_features(images: torch.Tensor) -> torch.Tensor:
@@ -47,7 +51,7 @@ def load_bank(name: str, n_queries: int) -> tuple[torch.Tensor, torch.Tensor, to
     return torch.rand(len(bank_y), 512, generator=generator), bank_y, torch.rand(n_queries, 512), query_y
 
 
-def timed(fn):  # noqa: ANN001, ANN201
+def timed(fn: Callable[[], T]) -> tuple[T, float]:
     start = time.perf_counter()
     result = fn()
     return result, time.perf_counter() - start

@@ -20,9 +20,9 @@ Metric = Literal["euclidean", "cosine"]
 Weights = Literal["uniform", "distance", "temperature"]
 Strategy = Literal["auto", "brute", "pruned"]
 
-PRUNED_DIMS = 64
+PRUNED_DIMS = 192  # principal components of the pruning bound: a wider product costs little, prunes far more
 PRUNED_MIN_BANK = 8192
-EXACT_COST = 20  # cost of one exact pair distance per dimension, in units of one dense product term (measured)
+EXACT_COST = 100  # one exact pair distance per dimension, in dense product terms (measured ~60-200 on CPU)
 PROBE_QUERIES = 256
 
 
@@ -68,8 +68,9 @@ class KNNIndex:
             raise ValueError(f"strategy must be auto, brute or pruned, got {strategy!r}")
         self.bank, self.metric, self.bf16 = bank, metric, bf16
         self.exact = PairDistances(bank, metric)
-        self.vectors = self._vectors(bank)
-        self.abs_margin = 1e-13 * self.vectors.square().sum(1).max().item() + (1e-12 if metric == "cosine" else 0)
+        self.vectors = F.normalize(bank.float(), dim=1) if metric == "cosine" else bank
+        largest = self.vectors.abs().max().item() ** 2 * max(1, bank.shape[1])  # bounds every squared norm
+        self.abs_margin = 1e-13 * largest + (1e-12 if metric == "cosine" else 0)
         self.exact_pairs = 0
         self.strategy, self.bound = self._choose(strategy)
         del self.vectors
@@ -78,23 +79,22 @@ class KNNIndex:
         return len(self.bank)
 
     def _vectors(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.double()
-        return F.normalize(x, dim=1) if self.metric == "cosine" else x
+        return F.normalize(x.double(), dim=1) if self.metric == "cosine" else x
 
     def _choose(self, strategy: Strategy) -> tuple[str, LowerBound]:
         n, dim = self.vectors.shape
-        if strategy == "brute" or (
-            strategy == "auto" and (n < PRUNED_MIN_BANK or dim < 4 * (PRUNED_DIMS + 1))
-        ):
+        if strategy == "brute" or (strategy == "auto" and (n < PRUNED_MIN_BANK or dim < 4 * PRUNED_DIMS)):
             return "brute", self._brute()
-        pruned = LowerBound(self.vectors, min(PRUNED_DIMS, dim))
+        pruned = LowerBound(self.vectors, min(PRUNED_DIMS, dim // 4 or 1))
         if strategy == "pruned":
             return "pruned", pruned
         self.strategy, self.bound = "pruned", pruned
         probe = self.bank[torch.linspace(0, n - 1, min(PROBE_QUERIES, n), device=self.bank.device).long()]
-        self.search(probe, min(6, n))  # bank rows find themselves first: k=6 probes the cost of k=5
-        fraction, self.exact_pairs = self.exact_pairs / (len(probe) * n), 0
-        cheaper = pruned.width + fraction * EXACT_COST * dim < 0.5 * dim
+        k = min(6, n)  # bank rows find themselves first: k=6 probes the cost of k=5
+        self.search(probe, k)
+        extra = self.exact_pairs / len(probe) - min(n, 2 * k + 8)  # beyond the first candidates both strategies score
+        self.exact_pairs = 0
+        cheaper = pruned.width + extra / n * EXACT_COST * dim < 0.5 * dim
         return ("pruned", pruned) if cheaper else ("brute", self._brute())
 
     def _brute(self) -> LowerBound:
@@ -126,11 +126,13 @@ class KNNIndex:
         if first == n:
             return dist, idx
         limit = self._bound_limit(dist[:, -1], offset)
-        pending = (bound_at[:, first] <= limit).nonzero().squeeze(1)
-        if len(pending):
-            r, c = (part[pending] <= limit[pending, None]).nonzero(as_tuple=True)
-            exact = self._exact(queries, pending[r], c)
-            dist[pending], idx[pending] = _best_pairs(r, c, exact, len(pending), k)
+        done = bound_at[:, first] > limit
+        if not done.all():
+            pending = (~done).nonzero().squeeze(1)
+            limit[done] = float("-inf")  # no pairs for the rows already done
+            r, c = (part <= limit[:, None]).nonzero(as_tuple=True)
+            exact = self._exact(queries, r, c)
+            dist[pending], idx[pending] = _best_pairs(torch.searchsorted(pending, r), c, exact, len(pending), k)
         return dist, idx
 
     def _exact(self, queries: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

@@ -31,25 +31,26 @@ class LowerBound:
     """
 
     def __init__(self, vectors: torch.Tensor, dims: int | None, dtype: torch.dtype = torch.float32) -> None:
-        self.mean = vectors.mean(0)
-        self.projection = None if dims is None else _principal_axes(vectors - self.mean, dims)
         self.dtype = dtype
-        feats, sq_norm = self._features(vectors)
-        width = feats.shape[1]
+        self.mean = (vectors.sum(0, dtype=torch.float64) / len(vectors)).to(torch.float64 if dims else torch.float32)
+        self.projection = None if dims is None else _principal_axes(vectors, self.mean, dims)
+        parts = [self._features(chunk) for chunk in vectors.split(8192)]
+        width = parts[0][0].shape[1]
         # |computed - exact| <= eta * (|f_q|^2 + |f_b|^2): inputs and output rounded (bf16: 4 u), fp32 accumulation
         self.eta = 2 * (4 * input_roundoff(dtype) + (width + 8) * 2.0**-24)
-        self.features = feats.to(dtype)
-        self.bank_term = (sq_norm * (1 - self.eta)).float()
+        self.features = torch.cat([f.to(dtype) for f, _ in parts])
+        self.bank_term = (torch.cat([n for _, n in parts]) * (1 - self.eta)).float()
 
     @property
     def width(self) -> int:
         return self.features.shape[1]
 
     def _features(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """float64 features (M, width) of float64 vectors and their squared norms."""
-        centred = vectors - self.mean
-        if self.projection is None:
+        """Features (M, width) and their squared norms: fp32 for brute force, else float64."""
+        if self.projection is None:  # a translation by the fp32 mean is exact in the maths; rounding is in eta
+            centred = vectors.float() - self.mean
             return centred, centred.square().sum(1)
+        centred = vectors.double() - self.mean
         projected = centred @ self.projection
         total = centred.square().sum(1)
         residual = (total - projected.square().sum(1)).clamp_min(0).sqrt()
@@ -66,10 +67,9 @@ class LowerBound:
         return part, sq_norm * (1 - self.eta)
 
 
-def _principal_axes(centred: torch.Tensor, dims: int) -> torch.Tensor:
+def _principal_axes(vectors: torch.Tensor, mean: torch.Tensor, dims: int) -> torch.Tensor:
     """Orthonormal (D, dims) float64 matrix of the top principal axes, fitted on an even sample of the rows."""
-    step = max(1, len(centred) // PCA_SAMPLE)
-    sample = centred[::step]
+    sample = vectors[:: max(1, len(vectors) // PCA_SAMPLE)].double() - mean
     _, vectors = torch.linalg.eigh(sample.T @ sample)
     return vectors[:, -dims:].flip(1).contiguous()
 
@@ -78,10 +78,11 @@ def as_uint8(values: torch.Tensor) -> torch.Tensor | None:
     """`values` as uint8 when every value is an integer in [0, 255] (raw pixels), else None."""
     if values.dtype == torch.uint8:
         return values
-    if values.is_floating_point() and len(values) and values.min() >= 0 and values.max() <= 255:
-        if torch.equal(values, values.round()):
-            return values.to(torch.uint8)
-    return None
+    if not values.is_floating_point() or not len(values):
+        return None
+    low, high = values.aminmax()
+    as_bytes = values.to(torch.uint8) if low >= 0 and high <= 255 else None
+    return as_bytes if as_bytes is not None and torch.equal(as_bytes.to(values.dtype), values) else None
 
 
 class PairDistances:
@@ -104,15 +105,13 @@ class PairDistances:
         out = torch.empty(len(rows), dtype=torch.float64, device=rows.device)
         for start in range(0, len(rows), self.PAIRS_PER_STEP):
             r, c = rows[start : start + self.PAIRS_PER_STEP], cols[start : start + self.PAIRS_PER_STEP]
+            bank = self.bank if self.bank_u8 is None else self.bank_u8
             if queries_u8 is not None:
-                out[start : start + len(r)] = self._uint8(queries_u8[r], self.bank_u8[c])
-            elif self.bank_u8 is not None:
-                out[start : start + len(r)] = (queries[r].double() - self.bank_u8[c].double()).square().sum(1)
-            elif self.metric == "cosine":
-                q, b = queries[r].double(), self.bank[c].double()
-                out[start : start + len(r)] = 1 - F.cosine_similarity(q, b, dim=1, eps=1e-12)
+                d = self._uint8(queries_u8.index_select(0, r), self.bank_u8.index_select(0, c))
             else:
-                out[start : start + len(r)] = (queries[r].double() - self.bank[c].double()).square().sum(1)
+                q, b = queries.index_select(0, r).double(), bank.index_select(0, c).double()
+                d = (q - b).square_().sum(1) if self.metric == "euclidean" else 1 - F.cosine_similarity(q, b, eps=1e-12)
+            out[start : start + len(r)] = d
         return out
 
     def _uint8(self, q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
