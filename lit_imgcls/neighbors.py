@@ -14,15 +14,19 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from lit_imgcls.neighbors_bounds import LowerBound, PairDistances
+from lit_imgcls.neighbors_bounds import LowerBound, PairDistances, bound_limit
+from lit_imgcls.neighbors_clustered import ClusteredBounds
 
 Metric = Literal["euclidean", "cosine"]
 Weights = Literal["uniform", "distance", "temperature"]
 Strategy = Literal["auto", "brute", "pruned"]
 
-PRUNED_DIMS = 192  # principal components of the pruning bound: a wider product costs little, prunes far more
+PRUNED_DIMS = 32  # principal components of the per-pair coarse bound
+CLUSTER_SIZE = 64  # bank rows per cluster
+PROBES = 2  # nearest clusters whose members give each query's first threshold
+PRUNED_CHUNK = 16384  # queries per pruned pass: the per-cluster loop costs the same for any number of queries
 PRUNED_MIN_BANK = 8192
-EXACT_COST = 100  # one exact pair distance per dimension, in dense product terms (measured ~60-200 on CPU)
+COARSE_COST = 40  # a coarse-bound pair beyond its product's flops (writing, comparing), in product terms
 PROBE_QUERIES = 256
 
 
@@ -81,20 +85,21 @@ class KNNIndex:
     def _vectors(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x.double(), dim=1) if self.metric == "cosine" else x
 
-    def _choose(self, strategy: Strategy) -> tuple[str, LowerBound]:
+    def _choose(self, strategy: Strategy) -> tuple[str, LowerBound | ClusteredBounds]:
         n, dim = self.vectors.shape
         if strategy == "brute" or (strategy == "auto" and (n < PRUNED_MIN_BANK or dim < 4 * PRUNED_DIMS)):
             return "brute", self._brute()
-        pruned = LowerBound(self.vectors, min(PRUNED_DIMS, dim // 4 or 1))
+        dims = min(PRUNED_DIMS, max(1, dim // 4))
+        pruned = ClusteredBounds(self.vectors, dims, max(1, n // CLUSTER_SIZE), self.abs_margin)
         if strategy == "pruned":
             return "pruned", pruned
         self.strategy, self.bound = "pruned", pruned
         probe = self.bank[torch.linspace(0, n - 1, min(PROBE_QUERIES, n), device=self.bank.device).long()]
-        k = min(6, n)  # bank rows find themselves first: k=6 probes the cost of k=5
-        self.search(probe, k)
-        extra = self.exact_pairs / len(probe) - min(n, 2 * k + 8)  # beyond the first candidates both strategies score
+        self.search(probe, min(6, n))  # bank rows find themselves first: k=6 probes the cost of k=5
+        coarse, fine, _ = (p / len(probe) for p in pruned.pairs)
+        pruned.pairs = [0, 0, 0]
         self.exact_pairs = 0
-        cheaper = pruned.width + extra / n * EXACT_COST * dim < 0.5 * dim
+        cheaper = coarse * (dims + COARSE_COST) + fine * dim < 0.5 * n * dim
         return ("pruned", pruned) if cheaper else ("brute", self._brute())
 
     def _brute(self) -> LowerBound:
@@ -105,18 +110,31 @@ class KNNIndex:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The `k` nearest bank rows of every query: (distances (Q, k) float64, indices (Q, k)), nearest first.
 
-        Ties are broken by the lower bank index. `candidates`: exact distances computed first per query.
+        Ties are broken by the lower bank index. `candidates`: exact distances computed first per query (brute).
         """
         if k > len(self):
             raise ValueError(f"k={k} is larger than the reference bank ({len(self)} images): lower k")
-        first = min(len(self), candidates or 2 * k + 8)
-        parts = [self._search_chunk(chunk, k, first) for chunk in queries.split(chunk_size)]
+        if self.strategy == "pruned":
+            parts = [self._search_pruned(chunk, k) for chunk in queries.split(max(chunk_size, PRUNED_CHUNK))]
+        else:
+            first = min(len(self), candidates or 2 * k + 8)
+            parts = [self._search_chunk(chunk, k, first) for chunk in queries.split(chunk_size)]
         dist = torch.cat([p[0] for p in parts]) if parts else torch.empty(0, k, dtype=torch.float64)
         idx = torch.cat([p[1] for p in parts]) if parts else torch.empty(0, k, dtype=torch.long)
         return (dist.sqrt() if self.metric == "euclidean" else dist), idx
 
+    def _search_pruned(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact distances and indices of one chunk's k nearest, from the clustered bounds' candidates."""
+        rows, cols, low, high = self.bound.candidates(self._vectors(queries), k, PROBES)
+        kth = _best_pairs(rows, cols, high, len(queries), k)[0][:, -1]  # k pairs are at most this far
+        keep = low <= kth[rows]
+        rows, cols = rows[keep], self.bound.order[cols[keep]]
+        by_pair = (rows * len(self) + cols).argsort()
+        rows, cols = rows[by_pair], cols[by_pair]
+        return _best_pairs(rows, cols, self._exact(queries, rows, cols), len(queries), k)
+
     def _search_chunk(self, queries: torch.Tensor, k: int, first: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact (squared Euclidean or cosine) distances and indices of one chunk's k nearest."""
+        """Exact (squared Euclidean or cosine) distances and indices of one chunk's k nearest (brute)."""
         part, offset = self.bound.bounds(self._vectors(queries))
         n_q, n = part.shape
         bound_at, cand = part.topk(min(first + 1, n), dim=1, largest=False)
@@ -142,9 +160,7 @@ class KNNIndex:
     def _bound_limit(self, kth: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """fp32 limit on the bound matrix: a bank row whose bound part exceeds it is farther than `kth`."""
         squared = 2 * kth if self.metric == "cosine" else kth  # |a - b|^2 = 2 (1 - cos) for unit vectors
-        limit64 = squared + self.abs_margin - offset
-        limit = limit64.float()
-        return torch.where(limit.double() < limit64, limit.nextafter(torch.full_like(limit, float("inf"))), limit)
+        return bound_limit(squared, offset, self.abs_margin)
 
 
 def knn_search(

@@ -34,18 +34,24 @@ class LowerBound:
         self.dtype = dtype
         self.mean = (vectors.sum(0, dtype=torch.float64) / len(vectors)).to(torch.float64 if dims else torch.float32)
         self.projection = None if dims is None else _principal_axes(vectors, self.mean, dims)
-        parts = [self._features(chunk) for chunk in vectors.split(8192)]
+        parts = [self.features_of(chunk) for chunk in vectors.split(8192)]
         width = parts[0][0].shape[1]
         # |computed - exact| <= eta * (|f_q|^2 + |f_b|^2): inputs and output rounded (bf16: 4 u), fp32 accumulation
         self.eta = 2 * (4 * input_roundoff(dtype) + (width + 8) * 2.0**-24)
+        if dims is not None:  # float64 features of the bank, for callers that need them exact
+            self.exact_features = torch.cat([f for f, _ in parts])
         self.features = torch.cat([f.to(dtype) for f, _ in parts])
         self.bank_term = (torch.cat([n for _, n in parts]) * (1 - self.eta)).float()
+
+    def reorder(self, order: torch.Tensor) -> None:
+        """Permute the bank rows (bank row i becomes old row order[i])."""
+        self.features, self.bank_term = self.features[order], self.bank_term[order]
 
     @property
     def width(self) -> int:
         return self.features.shape[1]
 
-    def _features(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def features_of(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features (M, width) and their squared norms: fp32 for brute force, else float64."""
         if self.projection is None:  # a translation by the fp32 mean is exact in the maths; rounding is in eta
             centred = vectors.float() - self.mean
@@ -56,15 +62,29 @@ class LowerBound:
         residual = (total - projected.square().sum(1)).clamp_min(0).sqrt()
         return torch.cat([projected, residual[:, None]], 1), total
 
+    def query_features(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (Q, width) in the product dtype, offset (Q,) float64) of queries, for `part`."""
+        feats, sq_norm = self.features_of(queries)
+        return feats.to(self.dtype), sq_norm * (1 - self.eta)
+
+    def part(self, feats: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """fp32 (Q, stop - start): with the query's offset, a lower bound to bank rows start..stop."""
+        bank, bank_term = self.features[start:stop], self.bank_term[start:stop]
+        if self.dtype == torch.float32:
+            return torch.addmm(bank_term, feats, bank.T, alpha=-2)
+        return (feats @ bank.T).float().mul_(-2).add_(bank_term)
+
     def bounds(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(part (Q, N) fp32, offset (Q,) float64): the bound is at most part + offset, a true lower bound."""
-        feats, sq_norm = self._features(queries)
-        feats = feats.to(self.dtype)
-        if self.dtype == torch.float32:
-            part = torch.addmm(self.bank_term, feats, self.features.T, alpha=-2)
-        else:
-            part = (feats @ self.features.T).float().mul_(-2).add_(self.bank_term)
-        return part, sq_norm * (1 - self.eta)
+        feats, offset = self.query_features(queries)
+        return self.part(feats), offset
+
+
+def bound_limit(squared: torch.Tensor, offset: torch.Tensor, abs_margin: float) -> torch.Tensor:
+    """fp32 limit on a bound part: a bank row whose part exceeds it is farther than `squared` (float64, (Q,))."""
+    limit64 = squared + abs_margin - offset
+    limit = limit64.float()
+    return torch.where(limit.double() < limit64, limit.nextafter(torch.full_like(limit, float("inf"))), limit)
 
 
 def _principal_axes(vectors: torch.Tensor, mean: torch.Tensor, dims: int) -> torch.Tensor:
