@@ -26,7 +26,7 @@ CLUSTER_SIZE = 64  # bank rows per cluster
 PROBES = 2  # nearest clusters whose members give each query's first threshold
 PRUNED_CHUNK = 16384  # queries per pruned pass: the per-cluster loop costs the same for any number of queries
 PRUNED_MIN_BANK = 8192
-COARSE_COST = 40  # a coarse-bound pair beyond its product's flops (writing, comparing), in product terms
+PAIR_COST = 64  # a bounded pair beyond its product's flops (writing, comparing, gathering), in product terms
 PROBE_QUERIES = 256
 
 
@@ -99,7 +99,7 @@ class KNNIndex:
         coarse, fine, _ = (p / len(probe) for p in pruned.pairs)
         pruned.pairs = [0, 0, 0]
         self.exact_pairs = 0
-        cheaper = coarse * (dims + COARSE_COST) + fine * dim < 0.5 * n * dim
+        cheaper = coarse * (dims + PAIR_COST) + fine * (dim + PAIR_COST) < 0.5 * n * (dim + PAIR_COST)
         return ("pruned", pruned) if cheaper else ("brute", self._brute())
 
     def _brute(self) -> LowerBound:

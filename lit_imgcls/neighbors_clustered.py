@@ -15,18 +15,18 @@ import torch
 from lit_imgcls.neighbors_bounds import LowerBound, bound_limit
 
 KMEANS_ITERS = 6
-KMEANS_SAMPLE = 48  # rows per cluster fitted by k-means; every row is then assigned to its nearest centroid
+KMEANS_SAMPLE = 16  # rows per cluster fitted by k-means; every row is then assigned to its nearest centroid
 SLACK = 1e-9  # relative slack on the float64 cluster geometry
 FP32_SLACK = 1e-5  # relative slack on the fp32 cluster bounds
 
 
-def kmeans(x: torch.Tensor, n_clusters: int, iters: int = KMEANS_ITERS) -> torch.Tensor:
+def kmeans(x: torch.Tensor, n_clusters: int) -> torch.Tensor:
     """Cluster of every row of x (N, w) fp32: Lloyd's iterations on an even sample, seeded for reproducibility."""
     generator = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(x), generator=generator).to(x.device)
     sample = x[perm[: n_clusters * KMEANS_SAMPLE]]
     centroids = sample[:n_clusters].clone()
-    for _ in range(iters):
+    for _ in range(KMEANS_ITERS):
         assign = _nearest(sample, centroids)
         counts = torch.bincount(assign, minlength=n_clusters)
         sums = torch.zeros_like(centroids).index_add_(0, assign, sample)

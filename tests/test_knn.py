@@ -12,6 +12,7 @@ from lit_imgcls.data import ImageDataModule
 from lit_imgcls.errors import ConfigError, UserError
 from lit_imgcls.neighbors import KNNIndex, knn_search, knn_vote
 from lit_imgcls.neighbors_bounds import LowerBound
+from lit_imgcls.neighbors_clustered import ClusteredBounds
 from lit_imgcls.tasks import ImageClassifier, KNNClassifier, KNNMonitor
 from lit_imgcls.tasks.knn import penultimate_features
 from tests.conftest import QUIET, REPO, needs_cuda, needs_fashion_mnist, run_cli
@@ -104,13 +105,37 @@ def test_lower_bound_never_exceeds_the_distance(offset):
 def test_auto_prunes_only_where_it_pays(monkeypatch):
     monkeypatch.setattr(neighbors, "PRUNED_MIN_BANK", 1000)
     monkeypatch.setattr(neighbors, "PRUNED_DIMS", 8)
-    tight = torch.randn(2000, 64, generator=torch.Generator().manual_seed(0))
-    tight[:, 6:] *= 1e-3  # nearly 6-dimensional: 8 principal components bound the distance tightly
-    loose, _ = random_data("uniform", 2000, 1, 64)
+    tight = torch.randn(8192, 64, generator=torch.Generator().manual_seed(0))
+    tight[:, 4:] *= 1e-3  # nearly 4-dimensional: clusters and 8 principal components bound the distance tightly
+    loose, _ = random_data("uniform", 4096, 1, 64)
     assert KNNIndex(tight).strategy == "pruned"
     assert KNNIndex(loose).strategy == "brute"
     assert KNNIndex(tight[:, :16]).strategy == "brute"  # low dimension
     assert KNNIndex(tight[:999]).strategy == "brute"  # small bank
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_cluster_bound_never_exceeds_a_members_distance(offset):
+    bank, queries = random_data("gaussian", 1500, 60, 48)
+    bank, queries = bank + offset, queries + offset
+    clustered = ClusteredBounds(bank, 8, 20, abs_margin=0.0)
+    lower, _ = clustered.cluster_bounds(clustered.coarse.features_of(queries.double())[0])
+    exact = torch.cdist(queries.double(), bank.double()).square()[:, clustered.order]
+    for j, (start, stop) in enumerate(zip(clustered.starts, clustered.stops, strict=True)):
+        if stop > start:
+            assert (lower[:, j, None].double() <= exact[:, start:stop]).all()
+
+
+@pytest.mark.parametrize("kind", ["uniform", "ties"])
+def test_pruned_is_exact_with_clusters_smaller_than_k_and_many_chunks(monkeypatch, kind):
+    monkeypatch.setattr(neighbors, "CLUSTER_SIZE", 4)  # the nearest clusters hold fewer than k rows
+    monkeypatch.setattr(neighbors, "PRUNED_CHUNK", 16)
+    bank, queries = random_data(kind, 600, 50, 24)
+    for metric in ("euclidean", "cosine"):
+        dist, idx = knn_search(queries, bank, 20, metric, chunk_size=8, strategy="pruned")
+        ref_dist, ref_idx = reference_search(queries, bank, 20, metric)
+        torch.testing.assert_close(idx, ref_idx, rtol=0, atol=0)
+        torch.testing.assert_close(dist, ref_dist, rtol=1e-12, atol=1e-12)
 
 
 @needs_cuda
