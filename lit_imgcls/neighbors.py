@@ -1,10 +1,10 @@
 """Exact k-nearest-neighbour search and voting (CPU or GPU) that scores only the pairs it cannot rule out.
 
-Search, per chunk of queries: a lower bound of every (query, bank) distance comes from one matrix product
-(`LowerBound`: the vectors themselves for `brute`, top principal components + residual norm for `pruned`). The
-best candidates by bound get exact float64 distances; a query is done once the next candidate's bound exceeds its
-k-th exact distance, otherwise every bank row whose bound does not exceed it is scored. Neighbours, their order and
-the tie rule (lower bank index first) are those of an exact brute-force search (scikit-learn's).
+Search (`ClusteredBounds`): guaranteed lower bounds of the (query, bank) distances rule out whole clusters, rows
+and pairs against a per-query threshold (an upper bound of the k-th distance); the few pairs left get exact
+float64 distances. `brute` bounds every pair with the full-dimension product; `pruned` first clusters the bank
+and bounds with top principal components + residual norm. Neighbours, their order and the tie rule (lower bank
+index first) are those of an exact brute-force search (scikit-learn's), whichever the strategy.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from lit_imgcls.neighbors_bounds import LowerBound, PairDistances, bound_limit
+from lit_imgcls.neighbors_bounds import PairDistances, residual_variance
 from lit_imgcls.neighbors_clustered import ClusteredBounds
 
 Metric = Literal["euclidean", "cosine"]
@@ -22,10 +22,12 @@ Weights = Literal["uniform", "distance", "temperature"]
 Strategy = Literal["auto", "brute", "pruned"]
 
 PRUNED_DIMS = 32  # principal components of the per-pair coarse bound
-CLUSTER_SIZE = 64  # bank rows per cluster
-PROBES = 2  # nearest clusters whose members give each query's first threshold
+CLUSTER_SIZE = 128  # bank rows per cluster: fewer, larger clusters cost less Python and gathering per pass
+PROBES = 4  # nearest clusters whose members give each query's first threshold
 PRUNED_CHUNK = 16384  # queries per pruned pass: the per-cluster loop costs the same for any number of queries
 PRUNED_MIN_BANK = 8192
+BRUTE_TILE = 4096  # bank rows per brute-force tile; the first tile gives the threshold
+MAX_RESIDUAL_VARIANCE = 0.5  # auto: above this share of variance outside the components, do not even try
 PAIR_COST = 64  # a bounded pair beyond its product's flops (writing, comparing, gathering), in product terms
 PROBE_QUERIES = 256
 
@@ -35,14 +37,6 @@ def fast_bf16_available(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
-
-
-def _sort_by_distance_then_index(dist: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best of each row of (dist, idx), ordered by distance, ties by the lower index."""
-    by_index = idx.sort(dim=1)
-    dist = dist.gather(1, by_index.indices)
-    order = dist.sort(dim=1, stable=True).indices[:, :k]
-    return dist.gather(1, order), by_index.values.gather(1, order)
 
 
 def _best_pairs(
@@ -59,10 +53,11 @@ def _best_pairs(
 class KNNIndex:
     """A reference bank (N, D) prepared once for repeated exact searches (Euclidean, or cosine distance 1 - cos).
 
-    strategy: `brute` bounds every pair with a full-dimension product, `pruned` with `PRUNED_DIMS` principal
-    components (fewer products, more exact distances), `auto` picks pruned only for a large, high-dimensional
-    bank where a probe of bank rows predicts it is cheaper. `bf16` runs the brute-force product in bf16 (fast on
-    CUDA and AMX/AVX512-BF16 CPUs) with a margin for its rounding. Results never depend on the strategy.
+    strategy: `brute` bounds every pair with the full-dimension product, tile by tile; `pruned` clusters the bank
+    and rules out clusters, rows and pairs with `PRUNED_DIMS` principal components first; `auto` picks pruned only
+    for a large, high-dimensional, not nearly isotropic bank where a probe of bank rows predicts it is cheaper.
+    `bf16` runs the brute-force product in bf16 (fast on CUDA and AMX/AVX512-BF16 CPUs) with a margin for its
+    rounding. Results never depend on the strategy.
     """
 
     def __init__(
@@ -73,7 +68,7 @@ class KNNIndex:
         self.bank, self.metric, self.bf16 = bank, metric, bf16
         self.exact = PairDistances(bank, metric)
         self.vectors = F.normalize(bank.float(), dim=1) if metric == "cosine" else bank
-        largest = self.vectors.abs().max().item() ** 2 * max(1, bank.shape[1])  # bounds every squared norm
+        largest = max(map(abs, self.vectors.aminmax())).item() ** 2 * max(1, bank.shape[1])  # bounds every squared norm
         self.abs_margin = 1e-13 * largest + (1e-12 if metric == "cosine" else 0)
         self.exact_pairs = 0
         self.strategy, self.bound = self._choose(strategy)
@@ -85,12 +80,14 @@ class KNNIndex:
     def _vectors(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x.double(), dim=1) if self.metric == "cosine" else x
 
-    def _choose(self, strategy: Strategy) -> tuple[str, LowerBound | ClusteredBounds]:
+    def _choose(self, strategy: Strategy) -> tuple[str, ClusteredBounds]:
         n, dim = self.vectors.shape
         if strategy == "brute" or (strategy == "auto" and (n < PRUNED_MIN_BANK or dim < 4 * PRUNED_DIMS)):
             return "brute", self._brute()
         dims = min(PRUNED_DIMS, max(1, dim // 4))
-        pruned = ClusteredBounds(self.vectors, dims, max(1, n // CLUSTER_SIZE), self.abs_margin)
+        if strategy == "auto" and residual_variance(self.vectors, dims) > MAX_RESIDUAL_VARIANCE:
+            return "brute", self._brute()  # nearly isotropic: the per-pair bound would rule out almost nothing
+        pruned = ClusteredBounds(self.vectors, dims, CLUSTER_SIZE, self.abs_margin)
         if strategy == "pruned":
             return "pruned", pruned
         self.strategy, self.bound = "pruned", pruned
@@ -102,30 +99,29 @@ class KNNIndex:
         cheaper = coarse * (dims + PAIR_COST) + fine * (dim + PAIR_COST) < 0.5 * n * (dim + PAIR_COST)
         return ("pruned", pruned) if cheaper else ("brute", self._brute())
 
-    def _brute(self) -> LowerBound:
-        return LowerBound(self.vectors, None, torch.bfloat16 if self.bf16 else torch.float32)
+    def _brute(self) -> ClusteredBounds:
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        return ClusteredBounds(self.vectors, None, BRUTE_TILE, self.abs_margin, dtype)
 
-    def search(
-        self, queries: torch.Tensor, k: int, chunk_size: int = 1024, candidates: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, queries: torch.Tensor, k: int, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
         """The `k` nearest bank rows of every query: (distances (Q, k) float64, indices (Q, k)), nearest first.
 
-        Ties are broken by the lower bank index. `candidates`: exact distances computed first per query (brute).
+        Ties are broken by the lower bank index. `chunk_size`: queries per pass (brute; pruned passes take at least
+        `PRUNED_CHUNK`, as its per-cluster overhead is paid once per pass).
         """
         if k > len(self):
             raise ValueError(f"k={k} is larger than the reference bank ({len(self)} images): lower k")
-        if self.strategy == "pruned":
-            parts = [self._search_pruned(chunk, k) for chunk in queries.split(max(chunk_size, PRUNED_CHUNK))]
-        else:
-            first = min(len(self), candidates or 2 * k + 8)
-            parts = [self._search_chunk(chunk, k, first) for chunk in queries.split(chunk_size)]
+        chunk_size = max(chunk_size, PRUNED_CHUNK) if self.strategy == "pruned" else chunk_size
+        parts = [self._search_chunk(chunk, k) for chunk in queries.split(chunk_size)]
         dist = torch.cat([p[0] for p in parts]) if parts else torch.empty(0, k, dtype=torch.float64)
         idx = torch.cat([p[1] for p in parts]) if parts else torch.empty(0, k, dtype=torch.long)
         return (dist.sqrt() if self.metric == "euclidean" else dist), idx
 
-    def _search_pruned(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact distances and indices of one chunk's k nearest, from the clustered bounds' candidates."""
-        rows, cols, low, high = self.bound.candidates(self._vectors(queries), k, PROBES)
+    def _search_chunk(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact (squared Euclidean or cosine) distances and indices of one chunk's k nearest."""
+        rows, cols, low, high = self.bound.candidates(
+            self._vectors(queries), k, PROBES if self.strategy == "pruned" else 1
+        )
         kth = _best_pairs(rows, cols, high, len(queries), k)[0][:, -1]  # k pairs are at most this far
         keep = low <= kth[rows]
         rows, cols = rows[keep], self.bound.order[cols[keep]]
@@ -133,34 +129,9 @@ class KNNIndex:
         rows, cols = rows[by_pair], cols[by_pair]
         return _best_pairs(rows, cols, self._exact(queries, rows, cols), len(queries), k)
 
-    def _search_chunk(self, queries: torch.Tensor, k: int, first: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact (squared Euclidean or cosine) distances and indices of one chunk's k nearest (brute)."""
-        part, offset = self.bound.bounds(self._vectors(queries))
-        n_q, n = part.shape
-        bound_at, cand = part.topk(min(first + 1, n), dim=1, largest=False)
-        rows = torch.arange(n_q, device=part.device)
-        dist = self._exact(queries, rows.repeat_interleave(first), cand[:, :first].flatten()).view(n_q, first)
-        dist, idx = _sort_by_distance_then_index(dist, cand[:, :first], k)
-        if first == n:
-            return dist, idx
-        limit = self._bound_limit(dist[:, -1], offset)
-        done = bound_at[:, first] > limit
-        if not done.all():
-            pending = (~done).nonzero().squeeze(1)
-            limit[done] = float("-inf")  # no pairs for the rows already done
-            r, c = (part <= limit[:, None]).nonzero(as_tuple=True)
-            exact = self._exact(queries, r, c)
-            dist[pending], idx[pending] = _best_pairs(torch.searchsorted(pending, r), c, exact, len(pending), k)
-        return dist, idx
-
     def _exact(self, queries: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         self.exact_pairs += len(rows)
         return self.exact(queries, rows, cols)
-
-    def _bound_limit(self, kth: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        """fp32 limit on the bound matrix: a bank row whose bound part exceeds it is farther than `kth`."""
-        squared = 2 * kth if self.metric == "cosine" else kth  # |a - b|^2 = 2 (1 - cos) for unit vectors
-        return bound_limit(squared, offset, self.abs_margin)
 
 
 def knn_search(
@@ -169,12 +140,11 @@ def knn_search(
     k: int,
     metric: Metric = "euclidean",
     chunk_size: int = 1024,
-    candidates: int | None = None,
     bf16: bool = False,
     strategy: Strategy = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One-off search: `KNNIndex(bank, metric, bf16, strategy).search(queries, k, chunk_size, candidates)`."""
-    return KNNIndex(bank, metric, bf16, strategy).search(queries, k, chunk_size, candidates)
+    """One-off search: `KNNIndex(bank, metric, bf16, strategy).search(queries, k, chunk_size)`."""
+    return KNNIndex(bank, metric, bf16, strategy).search(queries, k, chunk_size)
 
 
 def knn_vote(

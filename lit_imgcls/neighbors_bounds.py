@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 PCA_SAMPLE = 4096  # rows used to fit the centre and projection: any orthonormal projection gives a valid bound
 
@@ -30,18 +31,25 @@ class LowerBound:
     the residual norm.
     """
 
-    def __init__(self, vectors: torch.Tensor, dims: int | None, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, vectors: torch.Tensor, dims: int | None, dtype: torch.dtype = torch.float32, order: Tensor | None = None
+    ) -> None:
+        """`order`: the bank is vectors[order] (brute force only)."""
         self.dtype = dtype
-        sample = vectors[:: max(1, len(vectors) // PCA_SAMPLE)].double()  # any centre and axes give a valid bound
+        sample = _sample(vectors)
         self.mean = sample.mean(0).to(torch.float64 if dims else torch.float32)
-        self.projection = None if dims is None else _principal_axes(sample - self.mean, dims)
-        parts = [self.features_of(chunk) for chunk in vectors.split(8192)]
+        self.projection = None if dims is None else _principal_axes(sample - self.mean, dims)[0]
+        if dims is None:
+            rows = vectors if order is None else vectors.index_select(0, order)
+            parts = [self.features_of(rows)]
+        else:
+            parts = [self.features_of(chunk) for chunk in vectors.split(8192)]
         width = parts[0][0].shape[1]
         # |computed - exact| <= eta * (|f_q|^2 + |f_b|^2): inputs and output rounded (bf16: 4 u), fp32 accumulation
         self.eta = 2 * (4 * input_roundoff(dtype) + (width + 8) * 2.0**-24)
         if dims is not None:  # float64 features of the bank, for callers that need them exact
             self.exact_features = torch.cat([f for f, _ in parts])
-        self.features = torch.cat([f.to(dtype) for f, _ in parts])
+        self.features = torch.cat([f.to(dtype) for f, _ in parts]) if len(parts) > 1 else parts[0][0].to(dtype)
         self.bank_term = (torch.cat([n for _, n in parts]) * (1 - self.eta)).float()
 
     def reorder(self, order: torch.Tensor) -> None:
@@ -57,7 +65,7 @@ class LowerBound:
         if self.projection is None:  # a translation by the fp32 mean is exact in the maths; rounding is in eta
             centred = vectors.float() - self.mean
             return centred, _squared_norms(centred)
-        centred = vectors.double() - self.mean
+        centred = vectors.to(torch.float64, copy=True).sub_(self.mean)
         projected = centred @ self.projection
         total = _squared_norms(centred)
         residual = (total - projected.square().sum(1)).clamp_min(0).sqrt()
@@ -88,10 +96,23 @@ def bound_limit(squared: torch.Tensor, offset: torch.Tensor, abs_margin: float) 
     return torch.where(limit.double() < limit64, limit.nextafter(torch.full_like(limit, float("inf"))), limit)
 
 
-def _principal_axes(sample: torch.Tensor, dims: int) -> torch.Tensor:
-    """Orthonormal (D, dims) float64 matrix of the top principal axes of a centred float64 sample."""
-    _, vectors = torch.linalg.eigh(sample.T @ sample)
-    return vectors[:, -dims:].flip(1).contiguous()
+def _sample(vectors: torch.Tensor) -> torch.Tensor:
+    """An even float64 sample of the rows: any centre and orthonormal axes fitted on it give a valid bound."""
+    return vectors[:: max(1, len(vectors) // PCA_SAMPLE)].double()
+
+
+def _principal_axes(sample: torch.Tensor, dims: int) -> tuple[torch.Tensor, float]:
+    """Orthonormal (D, dims) float64 top principal axes of a centred float64 sample, and the share of its
+    variance left outside them."""
+    variances, vectors = torch.linalg.eigh(sample.T @ sample)
+    left = variances[:-dims].clamp_min(0).sum() / variances.clamp_min(0).sum().clamp_min(1e-300)
+    return vectors[:, -dims:].flip(1).contiguous(), left.item()
+
+
+def residual_variance(vectors: torch.Tensor, dims: int) -> float:
+    """Share of the variance of `vectors` (N, D) outside its top `dims` principal axes (on an even sample)."""
+    sample = _sample(vectors)
+    return _principal_axes(sample - sample.mean(0), dims)[1]
 
 
 def _squared_norms(x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 
 from lit_imgcls.neighbors_bounds import LowerBound, bound_limit
 
+BLOCK = 64  # columns ruled out together by their minimum
 KMEANS_ITERS = 6
 KMEANS_SAMPLE = 16  # rows per cluster fitted by k-means; every row is then assigned to its nearest centroid
 SLACK = 1e-9  # relative slack on the float64 cluster geometry
@@ -39,38 +40,67 @@ def _nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.addmm(sq, part, centroids.T, alpha=-2).min(1).indices for part in x.split(8192)])
 
 
+def _below(part: torch.Tensor, limit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the entries of part (R, M) at most their row's limit. Listing every comparison costs several
+    times more than a minimum, so whole blocks of `BLOCK` columns (or whole rows) are ruled out by their minimum."""
+    if part.shape[1] % BLOCK == 0:
+        blocks = part.view(len(part), -1, BLOCK)
+        r, b = (blocks.amin(2) <= limit[:, None]).nonzero(as_tuple=True)
+        rr, c = (blocks[r, b] <= limit[r, None]).nonzero(as_tuple=True)
+        return r[rr], b[rr] * BLOCK + c
+    rows = (part.amin(1) <= limit).nonzero().squeeze(1)
+    r, c = (part[rows] <= limit[rows, None]).nonzero(as_tuple=True)
+    return rows[r], c
+
+
 class ClusteredBounds:
     """Candidate pairs of an exact search over `vectors` (N, D): bank sorted by cluster, three lower bounds.
 
-    `order[i]` is the original index of sorted bank row i. `abs_margin` covers the rounding of the float64
-    reference distances.
+    `dims=None` is brute force: contiguous tiles of `cluster_size` rows instead of clusters, the fine bound only
+    (in `dtype`, fp32 or bf16). `order[i]` is the original index of sorted bank row i. `abs_margin` covers the
+    rounding of the float64 reference distances.
     """
 
-    def __init__(self, vectors: torch.Tensor, dims: int, n_clusters: int, abs_margin: float) -> None:
+    def __init__(
+        self,
+        vectors: torch.Tensor,
+        dims: int | None,
+        cluster_size: int,
+        abs_margin: float,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.abs_margin = abs_margin
+        self.pairs = [0, 0, 0]  # pairs bounded by the coarse bound, by the fine bound, and that survive both
+        n, device = len(vectors), vectors.device
+        if dims is None:
+            self.coarse = None
+            self.order = torch.arange(n, device=device)
+            self.fine = LowerBound(vectors, None, dtype)
+            self.starts = list(range(0, n, cluster_size))
+            self.stops = [*self.starts[1:], n]
+            return
         self.coarse = LowerBound(vectors, dims)
+        n_clusters = max(1, n // cluster_size)
         feats = self.coarse.exact_features
         assign = kmeans(feats.float(), n_clusters)
         self.order = assign.argsort(stable=True)
         self.coarse.reorder(self.order)
         del self.coarse.exact_features
-        self.fine = LowerBound(vectors[self.order], None)
+        self.fine = LowerBound(vectors, None, dtype, order=self.order)
         counts = torch.bincount(assign, minlength=n_clusters)
         self.starts = (counts.cumsum(0) - counts).tolist()
         self.stops = counts.cumsum(0).tolist()
         proj, resid = feats[:, :dims], feats[:, dims]
-        self.centroids = torch.zeros(n_clusters, dims, dtype=torch.float64, device=vectors.device)
+        self.centroids = torch.zeros(n_clusters, dims, dtype=torch.float64, device=device)
         self.centroids.index_add_(0, assign, proj).div_(counts.clamp_min(1)[:, None])
         spread = (proj - self.centroids[assign]).norm(dim=1)
-        self.radius = torch.zeros_like(counts, dtype=torch.float64).scatter_reduce_(0, assign, spread, "amax")
-        self.radius.mul_(1 + SLACK)
-        big = torch.full_like(self.radius, float("inf"))
-        self.resid_low = big.scatter_reduce(0, assign, resid, "amin").mul_(1 - SLACK)
-        self.resid_high = torch.zeros_like(self.radius).scatter_reduce_(0, assign, resid, "amax").mul_(1 + SLACK)
-        self.radius_f32 = self.radius.float().nextafter(torch.tensor(float("inf"), device=vectors.device))
-        self.resid_low_f32 = self.resid_low.float().nextafter(torch.tensor(0.0, device=vectors.device))
-        self.resid_high_f32 = self.resid_high.float().nextafter(torch.tensor(float("inf"), device=vectors.device))
-        self.pairs = [0, 0, 0]  # pairs bounded by the coarse bound, by the fine bound, and that survive both
+        radius = torch.zeros_like(counts, dtype=torch.float64).scatter_reduce_(0, assign, spread, "amax")
+        resid_low = torch.full_like(radius, float("inf")).scatter_reduce_(0, assign, resid, "amin")
+        resid_high = torch.zeros_like(radius).scatter_reduce_(0, assign, resid, "amax")
+        up, down = torch.tensor(float("inf"), device=device), torch.tensor(0.0, device=device)
+        self.radius = radius.mul_(1 + SLACK).float().nextafter(up)  # fp32, rounded outwards
+        self.resid_low = resid_low.mul_(1 - SLACK).float().nextafter(down)
+        self.resid_high = resid_high.mul_(1 + SLACK).float().nextafter(up)
 
     def cluster_bounds(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(Q, C) fp32 lower bounds to every member of each cluster, and squared distances to centroids.
@@ -83,38 +113,44 @@ class ClusteredBounds:
         sq = torch.addmm(centroid_sq.float(), proj, self.centroids.float().T, alpha=-2)
         sq += proj.square().sum(1, keepdim=True)
         slack = FP32_SLACK * (feats[:, :dims].square().sum(1) + centroid_sq.max()) + self.abs_margin
-        low = (sq - slack[:, None].float()).clamp_min_(0).sqrt_().sub_(self.radius_f32).clamp_min_(0).square_()
-        outside = (self.resid_low_f32 - resid[:, None]).clamp_min_(0)
-        outside += (resid[:, None] - self.resid_high_f32).clamp_min_(0)
+        low = (sq - slack[:, None].float()).clamp_min_(0).sqrt_().sub_(self.radius).clamp_min_(0).square_()
+        outside = (self.resid_low - resid[:, None]).clamp_min_(0)
+        outside += (resid[:, None] - self.resid_high).clamp_min_(0)
         low += outside.square_()
         return low.mul_(1 - FP32_SLACK), sq
 
     def candidates(self, queries: torch.Tensor, k: int, probes: int) -> tuple[torch.Tensor, ...]:
         """Pairs that may be among the k nearest: (rows, sorted bank rows, lower bound, upper bound) float64."""
-        coarse_q, offset = self.coarse.query_features(queries)
-        lower, centre_sq = self.cluster_bounds(self.coarse.features_of(queries)[0])
+        n_q, device = len(queries), queries.device
+        if self.coarse is None:  # brute force: every tile, the first ones probed
+            lower = torch.zeros(n_q, len(self.starts), device=device)
+            centre_sq = torch.arange(len(self.starts), device=device).float().expand_as(lower)
+        else:
+            coarse_q, offset = self.coarse.query_features(queries)
+            lower, centre_sq = self.cluster_bounds(self.coarse.features_of(queries)[0])
         fine_q, fine_offset = self.fine.query_features(queries)
-        n_q = len(queries)
         probe = centre_sq.topk(min(probes, centre_sq.shape[1]), dim=1, largest=False).indices
-        best = torch.full((n_q, k), float("inf"), dtype=torch.float64, device=queries.device)
+        best = torch.full((n_q, k), float("inf"), dtype=torch.float64, device=device)
         for j, qs in self._groups(torch.zeros_like(lower, dtype=torch.bool).scatter_(1, probe, True)):
-            upper = self._upper(self.fine.part(fine_q[qs], self.starts[j], self.stops[j]), qs, j, fine_offset)
+            upper = self._upper(self.fine.part(fine_q[qs], self.starts[j], self.stops[j]), qs, j, fine_offset, k)
             best[qs] = torch.cat([best[qs], upper], 1).topk(k, dim=1, largest=False).values
         threshold = best[:, -1]
-        coarse_limit = bound_limit(threshold, offset, self.abs_margin)
+        if self.coarse is not None:
+            coarse_limit = bound_limit(threshold, offset, self.abs_margin)
         fine_limit = bound_limit(threshold, fine_offset, self.abs_margin)
         found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for j, qs in self._groups(lower <= threshold[:, None]):
             start, stop = self.starts[j], self.stops[j]
-            coarse = self.coarse.part(coarse_q[qs], start, stop)
-            rows = (coarse.amin(1) <= coarse_limit[qs]).nonzero().squeeze(1)
-            self.pairs[0] += coarse.numel()
-            if not len(rows):
-                continue
-            qs = qs[rows]
+            if self.coarse is not None:
+                coarse = self.coarse.part(coarse_q[qs], start, stop)
+                rows = (coarse.amin(1) <= coarse_limit[qs]).nonzero().squeeze(1)
+                self.pairs[0] += coarse.numel()
+                if not len(rows):
+                    continue
+                qs = qs[rows]
             part = self.fine.part(fine_q[qs], start, stop)
-            r, c = (part <= fine_limit[qs, None]).nonzero(as_tuple=True)
             self.pairs[1] += part.numel()
+            r, c = _below(part, fine_limit[qs])
             found.append((qs[r], c + start, part[r, c]))
         rows, cols, part = (torch.cat(x) for x in zip(*found, strict=True))
         self.pairs[2] += len(rows)
@@ -129,11 +165,11 @@ class ClusteredBounds:
             if len(qs) and self.stops[j] > self.starts[j]:
                 yield j, qs
 
-    def _upper(self, part: torch.Tensor, qs: torch.Tensor, j: int, offset: torch.Tensor) -> torch.Tensor:
-        """Upper bounds (len(qs), min(k, size)) of the smallest squared distances to cluster j's members."""
-        cols = torch.arange(self.starts[j], self.stops[j], device=part.device)
+    def _upper(self, part: torch.Tensor, qs: torch.Tensor, j: int, offset: torch.Tensor, k: int) -> torch.Tensor:
+        """Upper bounds (len(qs), min(k, size)) of squared distances to distinct members of cluster j."""
+        part, cols = part.topk(min(k, part.shape[1]), dim=1, largest=False)
         low = part.double() + offset[qs, None]
-        return self._margin(low, qs[:, None].expand_as(low), cols.expand_as(low), offset)
+        return self._margin(low, qs[:, None].expand_as(low), cols + self.starts[j], offset)
 
     def _margin(self, low: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """Upper bounds of the squared distances whose fine lower bounds are `low`."""

@@ -118,7 +118,7 @@ def test_auto_prunes_only_where_it_pays(monkeypatch):
 def test_cluster_bound_never_exceeds_a_members_distance(offset):
     bank, queries = random_data("gaussian", 1500, 60, 48)
     bank, queries = bank + offset, queries + offset
-    clustered = ClusteredBounds(bank, 8, 20, abs_margin=0.0)
+    clustered = ClusteredBounds(bank, 8, 75, abs_margin=0.0)  # 20 clusters
     lower, _ = clustered.cluster_bounds(clustered.coarse.features_of(queries.double())[0])
     exact = torch.cdist(queries.double(), bank.double()).square()[:, clustered.order]
     for j, (start, stop) in enumerate(zip(clustered.starts, clustered.stops, strict=True)):
@@ -133,6 +133,18 @@ def test_pruned_is_exact_with_clusters_smaller_than_k_and_many_chunks(monkeypatc
     bank, queries = random_data(kind, 600, 50, 24)
     for metric in ("euclidean", "cosine"):
         dist, idx = knn_search(queries, bank, 20, metric, chunk_size=8, strategy="pruned")
+        ref_dist, ref_idx = reference_search(queries, bank, 20, metric)
+        torch.testing.assert_close(idx, ref_idx, rtol=0, atol=0)
+        torch.testing.assert_close(dist, ref_dist, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("kind", ["uniform", "ties"])
+def test_brute_tiles_and_column_blocks_are_exact(monkeypatch, kind, bf16):
+    monkeypatch.setattr(neighbors, "BRUTE_TILE", 128)  # 11 full tiles ruled out by 64-column blocks, then a partial one
+    bank, queries = random_data(kind, 1500, 50, 24)
+    for metric in ("euclidean", "cosine"):
+        dist, idx = knn_search(queries, bank, 20, metric, chunk_size=16, bf16=bf16, strategy="brute")
         ref_dist, ref_idx = reference_search(queries, bank, 20, metric)
         torch.testing.assert_close(idx, ref_idx, rtol=0, atol=0)
         torch.testing.assert_close(dist, ref_dist, rtol=1e-12, atol=1e-12)

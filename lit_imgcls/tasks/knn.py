@@ -81,7 +81,7 @@ class KNNClassifier(pl.LightningModule):
         checkpoint: path of the checkpoint for `features: checkpoint`.
         timm_model: model name for `features: timm`; `pretrained` loads timm's weights.
         bank_size: use only the first N training images as the bank (quick runs).
-        chunk_size: queries scored per matrix product (bounds memory: chunk_size x bank size scores).
+        chunk_size: queries per brute-force pass (bounds memory: chunk_size x 4096 scores per tile).
         search_precision: `auto` (bf16 candidate search where bf16 is fast, else fp32), `fp32` or `bf16`;
             candidates are always re-ranked exactly in float64.
         strategy: exact search `auto` (pruned by principal components for a large high-dimensional bank where a
