@@ -21,11 +21,12 @@ Metric = Literal["euclidean", "cosine"]
 Weights = Literal["uniform", "distance", "temperature"]
 Strategy = Literal["auto", "brute", "pruned"]
 
-PRUNED_DIMS = 32  # principal components of the per-pair coarse bound
+PRUNED_DIMS = 64  # principal components of the per-pair coarse bound (at most a quarter of the dimensions)
 CLUSTER_SIZE = 128  # bank rows per cluster: fewer, larger clusters cost less Python and gathering per pass
 PROBES = 4  # nearest clusters whose members give each query's first threshold
 PRUNED_CHUNK = 16384  # queries per pruned pass: the per-cluster loop costs the same for any number of queries
 PRUNED_MIN_BANK = 8192
+PRUNED_MIN_DIM = 128  # auto: below this, one product per pair is cheap enough to be unbeatable
 BRUTE_TILE = 4096  # bank rows per brute-force tile; the first tile gives the threshold
 MAX_RESIDUAL_VARIANCE = 0.5  # auto: above this share of variance outside the components, do not even try
 PAIR_COST = 64  # a bounded pair beyond its product's flops (writing, comparing, gathering), in product terms
@@ -82,7 +83,7 @@ class KNNIndex:
 
     def _choose(self, strategy: Strategy) -> tuple[str, ClusteredBounds]:
         n, dim = self.vectors.shape
-        if strategy == "brute" or (strategy == "auto" and (n < PRUNED_MIN_BANK or dim < 4 * PRUNED_DIMS)):
+        if strategy == "brute" or (strategy == "auto" and (n < PRUNED_MIN_BANK or dim < PRUNED_MIN_DIM)):
             return "brute", self._brute()
         dims = min(PRUNED_DIMS, max(1, dim // 4))
         if strategy == "auto" and residual_variance(self.vectors, dims) > MAX_RESIDUAL_VARIANCE:

@@ -14,6 +14,7 @@ import torch
 
 from lit_imgcls.neighbors_bounds import LowerBound, bound_limit
 
+CLUSTER_DIMS = 8  # principal components the bank is clustered on: few dimensions, tight clusters
 BLOCK = 64  # columns ruled out together by their minimum
 KMEANS_ITERS = 6
 KMEANS_SAMPLE = 16  # rows per cluster fitted by k-means; every row is then assigned to its nearest centroid
@@ -53,6 +54,12 @@ def _below(part: torch.Tensor, limit: torch.Tensor) -> tuple[torch.Tensor, torch
     return rows[r], c
 
 
+def _cluster_space(feats: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `dims` principal components of coarse features (M, width) and the norm of the rest (float64)."""
+    rest = (feats[:, -1].square() + feats[:, dims:-1].square().sum(1)).sqrt()
+    return feats[:, :dims], rest
+
+
 class ClusteredBounds:
     """Candidate pairs of an exact search over `vectors` (N, D): bank sorted by cluster, three lower bounds.
 
@@ -81,8 +88,8 @@ class ClusteredBounds:
             return
         self.coarse = LowerBound(vectors, dims)
         n_clusters = max(1, n // cluster_size)
-        feats = self.coarse.exact_features
-        assign = kmeans(feats.float(), n_clusters)
+        proj, resid = _cluster_space(self.coarse.exact_features, min(dims, CLUSTER_DIMS))
+        assign = kmeans(torch.cat([proj, resid[:, None]], 1).float(), n_clusters)
         self.order = assign.argsort(stable=True)
         self.coarse.reorder(self.order)
         del self.coarse.exact_features
@@ -90,8 +97,7 @@ class ClusteredBounds:
         counts = torch.bincount(assign, minlength=n_clusters)
         self.starts = (counts.cumsum(0) - counts).tolist()
         self.stops = counts.cumsum(0).tolist()
-        proj, resid = feats[:, :dims], feats[:, dims]
-        self.centroids = torch.zeros(n_clusters, dims, dtype=torch.float64, device=device)
+        self.centroids = torch.zeros(n_clusters, proj.shape[1], dtype=torch.float64, device=device)
         self.centroids.index_add_(0, assign, proj).div_(counts.clamp_min(1)[:, None])
         spread = (proj - self.centroids[assign]).norm(dim=1)
         radius = torch.zeros_like(counts, dtype=torch.float64).scatter_reduce_(0, assign, spread, "amax")
@@ -107,12 +113,12 @@ class ClusteredBounds:
 
         fp32 is rounded by at most (dims + 8) 2^-24 of the squared norms: `FP32_SLACK` of them is subtracted.
         """
-        dims = self.centroids.shape[1]
-        proj, resid = feats[:, :dims].float(), feats[:, dims].float()
+        proj64, resid = _cluster_space(feats, self.centroids.shape[1])
+        proj, resid = proj64.float(), resid.float()
         centroid_sq = self.centroids.square().sum(1)
         sq = torch.addmm(centroid_sq.float(), proj, self.centroids.float().T, alpha=-2)
         sq += proj.square().sum(1, keepdim=True)
-        slack = FP32_SLACK * (feats[:, :dims].square().sum(1) + centroid_sq.max()) + self.abs_margin
+        slack = FP32_SLACK * (proj64.square().sum(1) + centroid_sq.max()) + self.abs_margin
         low = (sq - slack[:, None].float()).clamp_min_(0).sqrt_().sub_(self.radius).clamp_min_(0).square_()
         outside = (self.resid_low - resid[:, None]).clamp_min_(0)
         outside += (resid[:, None] - self.resid_high).clamp_min_(0)

@@ -104,6 +104,7 @@ def test_lower_bound_never_exceeds_the_distance(offset):
 
 def test_auto_prunes_only_where_it_pays(monkeypatch):
     monkeypatch.setattr(neighbors, "PRUNED_MIN_BANK", 1000)
+    monkeypatch.setattr(neighbors, "PRUNED_MIN_DIM", 32)
     monkeypatch.setattr(neighbors, "PRUNED_DIMS", 8)
     tight = torch.randn(8192, 64, generator=torch.Generator().manual_seed(0))
     tight[:, 4:] *= 1e-3  # nearly 4-dimensional: clusters and 8 principal components bound the distance tightly
