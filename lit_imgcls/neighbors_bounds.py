@@ -120,48 +120,20 @@ def _squared_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=1).square()
 
 
-def as_uint8(values: torch.Tensor) -> torch.Tensor | None:
-    """`values` as uint8 when every value is an integer in [0, 255] (raw pixels), else None."""
-    if values.dtype == torch.uint8:
-        return values
-    if not values.is_floating_point() or not len(values):
-        return None
-    low, high = values.aminmax()
-    as_bytes = values.to(torch.uint8) if low >= 0 and high <= 255 else None
-    return as_bytes if as_bytes is not None and torch.equal(as_bytes.to(values.dtype), values) else None
-
-
 class PairDistances:
-    """Exact distances of (query row, bank row) pairs: float64 (squared Euclidean or 1 - cos), as brute force.
+    """Exact distances of (query row, bank row) pairs: float64 (squared Euclidean or 1 - cos), as brute force."""
 
-    uint8 data (raw pixels) takes an exact fp32 path: products < 2^16 summed in blocks of 196 stay below 2^24.
-    """
-
-    BLOCK = 196
     PAIRS_PER_STEP = 2048
 
     def __init__(self, bank: torch.Tensor, metric: str) -> None:
-        self.metric = metric
-        self.bank_u8 = as_uint8(bank) if metric == "euclidean" else None
-        self.bank = bank if self.bank_u8 is None else None
+        self.bank, self.metric = bank, metric
 
     def __call__(self, queries: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Distances (P,) between queries[rows] and bank[cols]."""
-        queries_u8 = as_uint8(queries) if self.bank_u8 is not None else None
         out = torch.empty(len(rows), dtype=torch.float64, device=rows.device)
         for start in range(0, len(rows), self.PAIRS_PER_STEP):
             r, c = rows[start : start + self.PAIRS_PER_STEP], cols[start : start + self.PAIRS_PER_STEP]
-            bank = self.bank if self.bank_u8 is None else self.bank_u8
-            if queries_u8 is not None:
-                d = self._uint8(queries_u8.index_select(0, r), self.bank_u8.index_select(0, c))
-            else:
-                q, b = queries.index_select(0, r).double(), bank.index_select(0, c).double()
-                d = (q - b).square_().sum(1) if self.metric == "euclidean" else 1 - F.cosine_similarity(q, b, eps=1e-12)
+            q, b = queries.index_select(0, r).double(), self.bank.index_select(0, c).double()
+            d = (q - b).square_().sum(1) if self.metric == "euclidean" else 1 - F.cosine_similarity(q, b, eps=1e-12)
             out[start : start + len(r)] = d
         return out
-
-    def _uint8(self, q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        diff = q.float() - b.float()
-        pad = -diff.shape[1] % self.BLOCK
-        diff = F.pad(diff, (0, pad)) if pad else diff
-        return diff.square_().view(len(diff), -1, self.BLOCK).sum(2).double().sum(1)
