@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from lit_imgcls.neighbors_bounds import PairDistances, residual_variance
+from lit_imgcls.neighbors_bounds import PairDistances, principal_axes
 from lit_imgcls.neighbors_clustered import ClusteredBounds
 
 Metric = Literal["euclidean", "cosine"]
@@ -30,7 +30,7 @@ PRUNED_MIN_DIM = 128  # auto: below this, one product per pair is cheap enough t
 BRUTE_TILE = 4096  # bank rows per brute-force tile; the first tile gives the threshold
 MAX_RESIDUAL_VARIANCE = 0.5  # auto: above this share of variance outside the components, do not even try
 PAIR_COST = 64  # a bounded pair beyond its product's flops (writing, comparing, gathering), in product terms
-PROBE_QUERIES = 256
+PROBE_QUERIES = 128
 
 
 def fast_bf16_available(device: torch.device) -> bool:
@@ -86,9 +86,10 @@ class KNNIndex:
         if strategy == "brute" or (strategy == "auto" and (n < PRUNED_MIN_BANK or dim < PRUNED_MIN_DIM)):
             return "brute", self._brute()
         dims = min(PRUNED_DIMS, max(1, dim // 4))
-        if strategy == "auto" and residual_variance(self.vectors, dims) > MAX_RESIDUAL_VARIANCE:
+        projection = principal_axes(self.vectors, dims)
+        if strategy == "auto" and projection.residual_share > MAX_RESIDUAL_VARIANCE:
             return "brute", self._brute()  # nearly isotropic: the per-pair bound would rule out almost nothing
-        pruned = ClusteredBounds(self.vectors, dims, CLUSTER_SIZE, self.abs_margin)
+        pruned = ClusteredBounds(self.vectors, projection, CLUSTER_SIZE, self.abs_margin)
         if strategy == "pruned":
             return "pruned", pruned
         self.strategy, self.bound = "pruned", pruned

@@ -8,6 +8,8 @@ matrix product in fp32 (or bf16); a margin that covers its worst-case rounding e
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -32,13 +34,19 @@ class LowerBound:
     """
 
     def __init__(
-        self, vectors: torch.Tensor, dims: int | None, dtype: torch.dtype = torch.float32, order: Tensor | None = None
+        self,
+        vectors: torch.Tensor,
+        dims: int | Projection | None,
+        dtype: torch.dtype = torch.float32,
+        order: Tensor | None = None,
     ) -> None:
-        """`order`: the bank is vectors[order] (brute force only)."""
+        """`dims`: a component count, or a `Projection` already fitted. `order`: the bank is vectors[order] (brute
+        force only)."""
         self.dtype = dtype
-        sample = _sample(vectors)
-        self.mean = sample.mean(0).to(torch.float64 if dims else torch.float32)
-        self.projection = None if dims is None else _principal_axes(sample - self.mean, dims)[0]
+        if isinstance(dims, int):
+            dims = principal_axes(vectors, dims)
+        self.mean = _sample(vectors).mean(0).float() if dims is None else dims.mean
+        self.projection = None if dims is None else dims.axes
         if dims is None:
             rows = vectors if order is None else vectors.index_select(0, order)
             parts = [self.features_of(rows)]
@@ -101,18 +109,22 @@ def _sample(vectors: torch.Tensor) -> torch.Tensor:
     return vectors[:: max(1, len(vectors) // PCA_SAMPLE)].double()
 
 
-def _principal_axes(sample: torch.Tensor, dims: int) -> tuple[torch.Tensor, float]:
-    """Orthonormal (D, dims) float64 top principal axes of a centred float64 sample, and the share of its
-    variance left outside them."""
-    variances, vectors = torch.linalg.eigh(sample.T @ sample)
-    left = variances[:-dims].clamp_min(0).sum() / variances.clamp_min(0).sum().clamp_min(1e-300)
-    return vectors[:, -dims:].flip(1).contiguous(), left.item()
+class Projection(NamedTuple):
+    """Centre (D,) and orthonormal top principal axes (D, dims), float64, and the share of variance left out."""
+
+    mean: Tensor
+    axes: Tensor
+    residual_share: float
 
 
-def residual_variance(vectors: torch.Tensor, dims: int) -> float:
-    """Share of the variance of `vectors` (N, D) outside its top `dims` principal axes (on an even sample)."""
+def principal_axes(vectors: torch.Tensor, dims: int) -> Projection:
+    """The top `dims` principal axes of `vectors` (N, D), fitted on an even sample."""
     sample = _sample(vectors)
-    return _principal_axes(sample - sample.mean(0), dims)[1]
+    mean = sample.mean(0)
+    centred = sample - mean  # not in place: the sample may be a view of float64 vectors
+    variances, axes = torch.linalg.eigh(centred.T @ centred)
+    left = variances[:-dims].clamp_min(0).sum() / variances.clamp_min(0).sum().clamp_min(1e-300)
+    return Projection(mean, axes[:, -dims:].flip(1).contiguous(), left.item())
 
 
 def _squared_norms(x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from lit_imgcls.neighbors_bounds import LowerBound, bound_limit
+from lit_imgcls.neighbors_bounds import LowerBound, Projection, bound_limit
 
 CLUSTER_DIMS = 8  # principal components the bank is clustered on: few dimensions, tight clusters
 BLOCK = 64  # columns ruled out together by their minimum
@@ -63,7 +63,7 @@ def _cluster_space(feats: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.
 class ClusteredBounds:
     """Candidate pairs of an exact search over `vectors` (N, D): bank sorted by cluster, three lower bounds.
 
-    `dims=None` is brute force: contiguous tiles of `cluster_size` rows instead of clusters, the fine bound only
+    `projection=None` is brute force: contiguous tiles of `cluster_size` rows instead of clusters, the fine bound only
     (in `dtype`, fp32 or bf16). `order[i]` is the original index of sorted bank row i. `abs_margin` covers the
     rounding of the float64 reference distances.
     """
@@ -71,7 +71,7 @@ class ClusteredBounds:
     def __init__(
         self,
         vectors: torch.Tensor,
-        dims: int | None,
+        projection: Projection | None,
         cluster_size: int,
         abs_margin: float,
         dtype: torch.dtype = torch.float32,
@@ -79,14 +79,15 @@ class ClusteredBounds:
         self.abs_margin = abs_margin
         self.pairs = [0, 0, 0]  # pairs bounded by the coarse bound, by the fine bound, and that survive both
         n, device = len(vectors), vectors.device
-        if dims is None:
+        if projection is None:
             self.coarse = None
             self.order = torch.arange(n, device=device)
             self.fine = LowerBound(vectors, None, dtype)
             self.starts = list(range(0, n, cluster_size))
             self.stops = [*self.starts[1:], n]
             return
-        self.coarse = LowerBound(vectors, dims)
+        self.coarse = LowerBound(vectors, projection)
+        dims = projection.axes.shape[1]
         n_clusters = max(1, n // cluster_size)
         proj, resid = _cluster_space(self.coarse.exact_features, min(dims, CLUSTER_DIMS))
         assign = kmeans(torch.cat([proj, resid[:, None]], 1).float(), n_clusters)

@@ -11,7 +11,7 @@ from lit_imgcls import neighbors
 from lit_imgcls.data import ImageDataModule
 from lit_imgcls.errors import ConfigError, UserError
 from lit_imgcls.neighbors import KNNIndex, knn_search, knn_vote
-from lit_imgcls.neighbors_bounds import LowerBound
+from lit_imgcls.neighbors_bounds import LowerBound, principal_axes
 from lit_imgcls.neighbors_clustered import ClusteredBounds
 from lit_imgcls.tasks import ImageClassifier, KNNClassifier, KNNMonitor
 from lit_imgcls.tasks.knn import penultimate_features
@@ -119,7 +119,7 @@ def test_auto_prunes_only_where_it_pays(monkeypatch):
 def test_cluster_bound_never_exceeds_a_members_distance(offset):
     bank, queries = random_data("gaussian", 1500, 60, 48)
     bank, queries = bank + offset, queries + offset
-    clustered = ClusteredBounds(bank, 8, 75, abs_margin=0.0)  # 20 clusters
+    clustered = ClusteredBounds(bank, principal_axes(bank, 8), 75, abs_margin=0.0)  # 20 clusters
     lower, _ = clustered.cluster_bounds(clustered.coarse.features_of(queries.double())[0])
     exact = torch.cdist(queries.double(), bank.double()).square()[:, clustered.order]
     for j, (start, stop) in enumerate(zip(clustered.starts, clustered.stops, strict=True)):

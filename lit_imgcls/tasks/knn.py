@@ -84,8 +84,9 @@ class KNNClassifier(pl.LightningModule):
         chunk_size: queries per brute-force pass (bounds memory: chunk_size x 4096 scores per tile).
         search_precision: `auto` (bf16 candidate search where bf16 is fast, else fp32), `fp32` or `bf16`;
             candidates are always re-ranked exactly in float64.
-        strategy: exact search `auto` (pruned by principal components for a large high-dimensional bank where a
-            probe predicts it pays, else brute force), `brute` or `pruned`; the neighbours are the same.
+        strategy: exact search `auto` (pruned: bank clustered and bounded by principal components, for a large
+            high-dimensional bank where a probe predicts it pays; else brute force), `brute` or `pruned`; the
+            neighbours are the same.
     """
 
     def __init__(
