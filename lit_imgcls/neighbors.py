@@ -1,8 +1,10 @@
-"""Exact k-nearest-neighbour search and voting with chunked matrix products (CPU or GPU).
+"""Exact k-nearest-neighbour search and voting (CPU or GPU) that scores only the pairs it cannot rule out.
 
-Search: for each chunk of queries, score the whole bank with one matrix product (optionally in bf16 where
-the hardware has fast bf16 units), keep the best `candidates` per query, then re-rank those exactly in
-float64 so the neighbours and their order match an exact search (scikit-learn's brute force).
+Search (`ClusteredBounds`): guaranteed lower bounds of the (query, bank) distances rule out whole clusters, rows
+and pairs against a per-query threshold (an upper bound of the k-th distance); the few pairs left get exact
+float64 distances. `brute` bounds every pair with the full-dimension product; `pruned` first clusters the bank
+and bounds with top principal components + residual norm. Neighbours, their order and the tie rule (lower bank
+index first) are those of an exact brute-force search (scikit-learn's), whichever the strategy.
 """
 
 from __future__ import annotations
@@ -12,8 +14,23 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from lit_imgcls.neighbors_bounds import PairDistances, principal_axes
+from lit_imgcls.neighbors_clustered import ClusteredBounds
+
 Metric = Literal["euclidean", "cosine"]
 Weights = Literal["uniform", "distance", "temperature"]
+Strategy = Literal["auto", "brute", "pruned"]
+
+PRUNED_DIMS = 64  # principal components of the per-pair coarse bound (at most a quarter of the dimensions)
+CLUSTER_SIZE = 128  # bank rows per cluster: fewer, larger clusters cost less Python and gathering per pass
+PROBES = 4  # nearest clusters whose members give each query's first threshold
+PRUNED_CHUNK = 16384  # queries per pruned pass: the per-cluster loop costs the same for any number of queries
+PRUNED_MIN_BANK = 8192
+PRUNED_MIN_DIM = 128  # auto: below this, one product per pair is cheap enough to be unbeatable
+BRUTE_TILE = 4096  # bank rows per brute-force tile; the first tile gives the threshold
+MAX_RESIDUAL_VARIANCE = 0.5  # auto: above this share of variance outside the components, do not even try
+PAIR_COST = 64  # a bounded pair beyond its product's flops (writing, comparing, gathering), in product terms
+PROBE_QUERIES = 128
 
 
 def fast_bf16_available(device: torch.device) -> bool:
@@ -23,64 +40,100 @@ def fast_bf16_available(device: torch.device) -> bool:
     return device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
 
 
-def _approximate_scores(
-    queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor, metric: Metric
-) -> torch.Tensor:
-    """Higher is nearer: -squared distance (without the query's constant norm) or cosine similarity."""
-    scores = (queries @ bank.T).float()
-    return scores if metric == "cosine" else scores.mul_(2).sub_(bank_sq)
-
-
-def _exact_distances(queries: torch.Tensor, candidates: torch.Tensor, metric: Metric) -> torch.Tensor:
-    """float64 distances between each query (Q, D) and its candidates (Q, C, D)."""
-    q, c = queries.double().unsqueeze(1), candidates.double()
-    if metric == "cosine":
-        return 1 - F.cosine_similarity(q, c, dim=-1, eps=1e-12)
-    return (q - c).square().sum(-1).sqrt()
+def _best_pairs(
+    rows: torch.Tensor, cols: torch.Tensor, dist: torch.Tensor, n_rows: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the k best of a flat list of (row, col, dist) pairs (cols ascending within a row)."""
+    order = dist.sort(stable=True).indices
+    order = order[rows[order].sort(stable=True).indices]
+    starts = torch.bincount(rows, minlength=n_rows).cumsum(0) - torch.bincount(rows, minlength=n_rows)
+    take = order[(starts[:, None] + torch.arange(k, device=rows.device)).flatten()].view(n_rows, k)
+    return dist[take], cols[take]
 
 
 class KNNIndex:
-    """A reference bank (N, D) prepared once (normalized, cast, squared norms) for repeated searches.
+    """A reference bank (N, D) prepared once for repeated exact searches (Euclidean, or cosine distance 1 - cos).
 
-    Distances are Euclidean, or cosine distance 1 - cos. `bf16` searches candidates in bf16 (fast on CUDA and
-    AMX/AVX512-BF16 CPUs); candidates are always re-ranked exactly in float64.
+    strategy: `brute` bounds every pair with the full-dimension product, tile by tile; `pruned` clusters the bank
+    and rules out clusters, rows and pairs with `PRUNED_DIMS` principal components first; `auto` picks pruned only
+    for a large, high-dimensional, not nearly isotropic bank where a probe of bank rows predicts it is cheaper.
+    `bf16` runs the brute-force product in bf16 (fast on CUDA and AMX/AVX512-BF16 CPUs) with a margin for its
+    rounding. Results never depend on the strategy.
     """
 
-    def __init__(self, bank: torch.Tensor, metric: Metric = "euclidean", bf16: bool = False) -> None:
+    def __init__(
+        self, bank: torch.Tensor, metric: Metric = "euclidean", bf16: bool = False, strategy: Strategy = "auto"
+    ) -> None:
+        if strategy not in ("auto", "brute", "pruned"):
+            raise ValueError(f"strategy must be auto, brute or pruned, got {strategy!r}")
         self.bank, self.metric, self.bf16 = bank, metric, bf16
-        features = F.normalize(bank.float(), dim=1) if metric == "cosine" else bank.float()
-        self.search_bank = features.to(torch.bfloat16 if bf16 else torch.float32)
-        self.bank_sq = features.square().sum(1)
+        self.exact = PairDistances(bank, metric)
+        self.vectors = F.normalize(bank.float(), dim=1) if metric == "cosine" else bank
+        largest = max(map(abs, self.vectors.aminmax())).item() ** 2 * max(1, bank.shape[1])  # bounds every squared norm
+        self.abs_margin = 1e-13 * largest + (1e-12 if metric == "cosine" else 0)
+        self.exact_pairs = 0
+        self.strategy, self.bound = self._choose(strategy)
+        del self.vectors
 
     def __len__(self) -> int:
         return len(self.bank)
 
-    def search(
-        self, queries: torch.Tensor, k: int, chunk_size: int = 1024, candidates: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _vectors(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x.double(), dim=1) if self.metric == "cosine" else x
+
+    def _choose(self, strategy: Strategy) -> tuple[str, ClusteredBounds]:
+        n, dim = self.vectors.shape
+        if strategy == "brute" or (strategy == "auto" and (n < PRUNED_MIN_BANK or dim < PRUNED_MIN_DIM)):
+            return "brute", self._brute()
+        dims = min(PRUNED_DIMS, max(1, dim // 4))
+        projection = principal_axes(self.vectors, dims)
+        if strategy == "auto" and projection.residual_share > MAX_RESIDUAL_VARIANCE:
+            return "brute", self._brute()  # nearly isotropic: the per-pair bound would rule out almost nothing
+        pruned = ClusteredBounds(self.vectors, projection, CLUSTER_SIZE, self.abs_margin)
+        if strategy == "pruned":
+            return "pruned", pruned
+        self.strategy, self.bound = "pruned", pruned
+        probe = self.bank[torch.linspace(0, n - 1, min(PROBE_QUERIES, n), device=self.bank.device).long()]
+        self.search(probe, min(6, n))  # bank rows find themselves first: k=6 probes the cost of k=5
+        coarse, fine, _ = (p / len(probe) for p in pruned.pairs)
+        pruned.pairs = [0, 0, 0]
+        self.exact_pairs = 0
+        cheaper = coarse * (dims + PAIR_COST) + fine * (dim + PAIR_COST) < 0.5 * n * (dim + PAIR_COST)
+        return ("pruned", pruned) if cheaper else ("brute", self._brute())
+
+    def _brute(self) -> ClusteredBounds:
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        return ClusteredBounds(self.vectors, None, BRUTE_TILE, self.abs_margin, dtype)
+
+    def search(self, queries: torch.Tensor, k: int, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
         """The `k` nearest bank rows of every query: (distances (Q, k) float64, indices (Q, k)), nearest first.
 
-        Ties are broken by the lower bank index.
+        Ties are broken by the lower bank index. `chunk_size`: queries per pass (brute; pruned passes take at least
+        `PRUNED_CHUNK`, as its per-cluster overhead is paid once per pass).
         """
         if k > len(self):
             raise ValueError(f"k={k} is larger than the reference bank ({len(self)} images): lower k")
-        n_candidates = min(len(self), candidates or (max(4 * k, k + 32) if self.bf16 else 2 * k + 8))
-        all_dist, all_idx = [], []
-        for start in range(0, len(queries), chunk_size):
-            chunk = queries[start : start + chunk_size].float()
-            chunk_f = F.normalize(chunk, dim=1) if self.metric == "cosine" else chunk
-            scores = _approximate_scores(
-                chunk_f.to(self.search_bank.dtype), self.search_bank, self.bank_sq, self.metric
-            )
-            cand = scores.topk(n_candidates, dim=1).indices
-            dist = _exact_distances(chunk, self.bank[cand], self.metric)
-            # stable sort on (distance, bank index): sort by index first, then stably by distance
-            by_index = cand.sort(dim=1)
-            dist = dist.gather(1, by_index.indices)
-            order = dist.sort(dim=1, stable=True).indices[:, :k]
-            all_dist.append(dist.gather(1, order))
-            all_idx.append(by_index.values.gather(1, order))
-        return torch.cat(all_dist), torch.cat(all_idx)
+        chunk_size = max(chunk_size, PRUNED_CHUNK) if self.strategy == "pruned" else chunk_size
+        parts = [self._search_chunk(chunk, k) for chunk in queries.split(chunk_size)]
+        dist = torch.cat([p[0] for p in parts]) if parts else torch.empty(0, k, dtype=torch.float64)
+        idx = torch.cat([p[1] for p in parts]) if parts else torch.empty(0, k, dtype=torch.long)
+        return (dist.sqrt() if self.metric == "euclidean" else dist), idx
+
+    def _search_chunk(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact (squared Euclidean or cosine) distances and indices of one chunk's k nearest."""
+        rows, cols, low, high = self.bound.candidates(
+            self._vectors(queries), k, PROBES if self.strategy == "pruned" else 1
+        )
+        kth = _best_pairs(rows, cols, high, len(queries), k)[0][:, -1]  # k pairs are at most this far
+        keep = low <= kth[rows]
+        rows, cols = rows[keep], self.bound.order[cols[keep]]
+        by_pair = (rows * len(self) + cols).argsort()
+        rows, cols = rows[by_pair], cols[by_pair]
+        return _best_pairs(rows, cols, self._exact(queries, rows, cols), len(queries), k)
+
+    def _exact(self, queries: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        self.exact_pairs += len(rows)
+        return self.exact(queries, rows, cols)
 
 
 def knn_search(
@@ -89,11 +142,11 @@ def knn_search(
     k: int,
     metric: Metric = "euclidean",
     chunk_size: int = 1024,
-    candidates: int | None = None,
     bf16: bool = False,
+    strategy: Strategy = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One-off search: `KNNIndex(bank, metric, bf16).search(queries, k, chunk_size, candidates)`."""
-    return KNNIndex(bank, metric, bf16).search(queries, k, chunk_size, candidates)
+    """One-off search: `KNNIndex(bank, metric, bf16, strategy).search(queries, k, chunk_size)`."""
+    return KNNIndex(bank, metric, bf16, strategy).search(queries, k, chunk_size)
 
 
 def knn_vote(

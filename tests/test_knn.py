@@ -5,14 +5,17 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from sklearn.neighbors import KNeighborsClassifier
+from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
+from lit_imgcls import neighbors
 from lit_imgcls.data import ImageDataModule
 from lit_imgcls.errors import ConfigError, UserError
-from lit_imgcls.neighbors import knn_search, knn_vote
+from lit_imgcls.neighbors import KNNIndex, knn_search, knn_vote
+from lit_imgcls.neighbors_bounds import LowerBound, principal_axes
+from lit_imgcls.neighbors_clustered import ClusteredBounds
 from lit_imgcls.tasks import ImageClassifier, KNNClassifier, KNNMonitor
 from lit_imgcls.tasks.knn import penultimate_features
-from tests.conftest import QUIET, REPO, needs_fashion_mnist, run_cli
+from tests.conftest import QUIET, REPO, needs_cuda, needs_fashion_mnist, run_cli
 from tests.test_cli import read_metrics
 
 pytestmark = needs_fashion_mnist
@@ -28,10 +31,10 @@ def pixels(fashion_test):
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 @pytest.mark.parametrize("weights", ["uniform", "distance"])
-@pytest.mark.parametrize("bf16", [False, True])
-def test_same_neighbours_and_predictions_as_sklearn(pixels, metric, weights, bf16):
+@pytest.mark.parametrize(("strategy", "bf16"), [("brute", False), ("brute", True), ("pruned", False)])
+def test_same_neighbours_and_predictions_as_sklearn(pixels, metric, weights, strategy, bf16):
     bank, bank_y, queries, _ = pixels
-    dist, idx = knn_search(queries, bank, 5, metric, chunk_size=256, bf16=bf16)
+    dist, idx = knn_search(queries, bank, 5, metric, chunk_size=256, bf16=bf16, strategy=strategy)
     probs = knn_vote(dist, bank_y[idx], 10, weights, metric=metric)
     sk = KNeighborsClassifier(5, metric=metric, weights=weights, algorithm="brute").fit(bank.numpy(), bank_y.numpy())
     sk_dist, sk_idx = sk.kneighbors(queries.numpy())
@@ -39,6 +42,126 @@ def test_same_neighbours_and_predictions_as_sklearn(pixels, metric, weights, bf1
     np.testing.assert_allclose(dist.numpy(), sk_dist, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(probs.argmax(1).numpy(), sk.predict(queries.numpy()))
     np.testing.assert_allclose(probs.numpy(), sk.predict_proba(queries.numpy()), atol=1e-5)
+
+
+def reference_search(queries, bank, k, metric):
+    """Exact float64 brute force, ties to the lower bank index (the rule every strategy must follow)."""
+    q, b = queries.double()[:, None], bank.double()[None]
+    dist = (
+        1 - torch.nn.functional.cosine_similarity(q, b, dim=-1, eps=1e-12)
+        if metric == "cosine"
+        else (q - b).norm(dim=-1)
+    )
+    order = dist.sort(dim=1, stable=True).indices[:, :k]
+    return dist.gather(1, order), order
+
+
+def random_data(kind: str, n_bank: int = 1500, n_queries: int = 80, dim: int = 48):
+    g = torch.Generator().manual_seed(0)
+    if kind == "gaussian":  # decaying spectrum, like features: the pruning bound is tight
+        scale = torch.logspace(0, -2, dim)
+        return torch.randn(n_bank, dim, generator=g) * scale, torch.randn(n_queries, dim, generator=g) * scale
+    if kind == "uniform":  # isotropic: the pruning bound is loose
+        return torch.rand(n_bank, dim, generator=g), torch.rand(n_queries, dim, generator=g)
+    bank = torch.randint(0, 3, (n_bank, dim), generator=g).float() + 1  # "ties": many equal distances
+    bank[1::7] = bank[::7][: len(bank[1::7])]  # duplicated rows: exact ties, also under cosine
+    queries = torch.randint(0, 3, (n_queries, dim), generator=g).float() + 1
+    queries[:10] = bank[100:110]
+    return bank, queries
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "uniform", "ties"])
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("k", [1, 5, 20])
+@pytest.mark.parametrize("strategy", ["brute", "pruned", "auto"])
+def test_every_strategy_is_exact_with_index_ties(kind, metric, k, strategy):
+    bank, queries = random_data(kind)
+    dist, idx = knn_search(queries, bank, k, metric, chunk_size=32, strategy=strategy)
+    ref_dist, ref_idx = reference_search(queries, bank, k, metric)
+    torch.testing.assert_close(idx, ref_idx, rtol=0, atol=0)
+    torch.testing.assert_close(dist, ref_dist, rtol=1e-12, atol=1e-12)
+    sk = NearestNeighbors(n_neighbors=k, metric=metric, algorithm="brute").fit(bank.double().numpy())
+    sk_dist, sk_idx = sk.kneighbors(queries.double().numpy())
+    np.testing.assert_allclose(dist.numpy(), sk_dist, rtol=1e-9, atol=1e-9)
+    if kind != "ties":  # scikit-learn does not order equal distances by index
+        np.testing.assert_array_equal(idx.numpy(), sk_idx)
+        labels = torch.arange(len(bank)) % 3
+        ours = knn_vote(dist, labels[idx], 3).argmax(1).numpy()
+        clf = KNeighborsClassifier(k, metric=metric, algorithm="brute").fit(bank.double().numpy(), labels.numpy())
+        np.testing.assert_array_equal(ours, clf.predict(queries.double().numpy()))
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_lower_bound_never_exceeds_the_distance(offset):
+    bank, queries = random_data("uniform", 600, 60, 64)
+    bank, queries = bank + offset, queries + offset
+    exact = torch.cdist(queries.double(), bank.double()).square()
+    for dims in (None, 4, 16):
+        bound = LowerBound(bank, dims)
+        part, query_term = bound.bounds(queries.double())
+        assert (part.double() + query_term[:, None] <= exact).all()
+
+
+def test_auto_prunes_only_where_it_pays(monkeypatch):
+    monkeypatch.setattr(neighbors, "PRUNED_MIN_BANK", 1000)
+    monkeypatch.setattr(neighbors, "PRUNED_MIN_DIM", 32)
+    monkeypatch.setattr(neighbors, "PRUNED_DIMS", 8)
+    tight = torch.randn(8192, 64, generator=torch.Generator().manual_seed(0))
+    tight[:, 4:] *= 1e-3  # nearly 4-dimensional: clusters and 8 principal components bound the distance tightly
+    loose, _ = random_data("uniform", 4096, 1, 64)
+    assert KNNIndex(tight).strategy == "pruned"
+    assert KNNIndex(loose).strategy == "brute"
+    assert KNNIndex(tight[:, :16]).strategy == "brute"  # low dimension
+    assert KNNIndex(tight[:999]).strategy == "brute"  # small bank
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_cluster_bound_never_exceeds_a_members_distance(offset):
+    bank, queries = random_data("gaussian", 1500, 60, 48)
+    bank, queries = bank + offset, queries + offset
+    clustered = ClusteredBounds(bank, principal_axes(bank, 8), 75, abs_margin=0.0)  # 20 clusters
+    lower, _ = clustered.cluster_bounds(clustered.coarse.features_of(queries.double())[0])
+    exact = torch.cdist(queries.double(), bank.double()).square()[:, clustered.order]
+    for j, (start, stop) in enumerate(zip(clustered.starts, clustered.stops, strict=True)):
+        if stop > start:
+            assert (lower[:, j, None].double() <= exact[:, start:stop]).all()
+
+
+@pytest.mark.parametrize("kind", ["uniform", "ties"])
+def test_pruned_is_exact_with_clusters_smaller_than_k_and_many_chunks(monkeypatch, kind):
+    monkeypatch.setattr(neighbors, "CLUSTER_SIZE", 4)  # the nearest clusters hold fewer than k rows
+    monkeypatch.setattr(neighbors, "PRUNED_CHUNK", 16)
+    bank, queries = random_data(kind, 600, 50, 24)
+    for metric in ("euclidean", "cosine"):
+        dist, idx = knn_search(queries, bank, 20, metric, chunk_size=8, strategy="pruned")
+        ref_dist, ref_idx = reference_search(queries, bank, 20, metric)
+        torch.testing.assert_close(idx, ref_idx, rtol=0, atol=0)
+        torch.testing.assert_close(dist, ref_dist, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("kind", ["uniform", "ties"])
+def test_brute_tiles_and_column_blocks_are_exact(monkeypatch, kind, bf16):
+    monkeypatch.setattr(neighbors, "BRUTE_TILE", 128)  # 11 full tiles ruled out by 64-column blocks, then a partial one
+    bank, queries = random_data(kind, 1500, 50, 24)
+    for metric in ("euclidean", "cosine"):
+        dist, idx = knn_search(queries, bank, 20, metric, chunk_size=16, bf16=bf16, strategy="brute")
+        ref_dist, ref_idx = reference_search(queries, bank, 20, metric)
+        torch.testing.assert_close(idx, ref_idx, rtol=0, atol=0)
+        torch.testing.assert_close(dist, ref_dist, rtol=1e-12, atol=1e-12)
+
+
+@needs_cuda
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("strategy", ["brute", "pruned"])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_cuda_search_matches_cpu(metric, strategy, bf16):
+    bank, queries = random_data("ties")
+    dist, idx = knn_search(queries.cuda(), bank.cuda(), 20, metric, chunk_size=32, bf16=bf16, strategy=strategy)
+    ref_dist, ref_idx = reference_search(queries, bank, 20, metric)
+    assert idx.device.type == "cuda"
+    torch.testing.assert_close(idx.cpu(), ref_idx, rtol=0, atol=0)
+    torch.testing.assert_close(dist.cpu(), ref_dist, rtol=1e-12, atol=1e-12)
 
 
 def test_distance_weights_let_exact_matches_decide():

@@ -14,7 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lit_imgcls.data.datasets import TensorImageDataset, collate_batch
 from lit_imgcls.errors import ConfigError
-from lit_imgcls.neighbors import KNNIndex, Metric, Weights, fast_bf16_available, knn_search, knn_vote
+from lit_imgcls.neighbors import KNNIndex, Metric, Strategy, Weights, fast_bf16_available, knn_search, knn_vote
 from lit_imgcls.tasks.checkpoints import load_task_network
 
 Extractor = Callable[[torch.Tensor], torch.Tensor]
@@ -81,9 +81,12 @@ class KNNClassifier(pl.LightningModule):
         checkpoint: path of the checkpoint for `features: checkpoint`.
         timm_model: model name for `features: timm`; `pretrained` loads timm's weights.
         bank_size: use only the first N training images as the bank (quick runs).
-        chunk_size: queries scored per matrix product (bounds memory: chunk_size x bank size scores).
+        chunk_size: queries per brute-force pass (bounds memory: chunk_size x 4096 scores per tile).
         search_precision: `auto` (bf16 candidate search where bf16 is fast, else fp32), `fp32` or `bf16`;
             candidates are always re-ranked exactly in float64.
+        strategy: exact search `auto` (pruned: bank clustered and bounded by principal components, for a large
+            high-dimensional bank where a probe predicts it pays; else brute force), `brute` or `pruned`; the
+            neighbours are the same.
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class KNNClassifier(pl.LightningModule):
         bank_size: int | None = None,
         chunk_size: int = 1024,
         search_precision: Literal["auto", "fp32", "bf16"] = "auto",
+        strategy: Strategy = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -141,7 +145,7 @@ class KNNClassifier(pl.LightningModule):
         self.bank = gather_bank(self.extract, datamodule, indices, self)
         hp = self.hparams
         bf16 = hp.search_precision == "bf16" or (hp.search_precision == "auto" and fast_bf16_available(self.device))
-        self.index = KNNIndex(self.bank[0], hp.metric, bf16)
+        self.index = KNNIndex(self.bank[0], hp.metric, bf16, hp.strategy)
 
     def on_validation_start(self) -> None:
         self.build_bank()
@@ -192,6 +196,7 @@ class KNNMonitor(pl.Callback):
         every_n_epochs: evaluate after every N-th validation.
         k, metric, weights, temperature: as in `KNNClassifier` (defaults follow DINO: 20, cosine, T=0.07).
         bank_size: the first N training images form the bank (None: all).
+        strategy: exact search strategy, as in `KNNClassifier`.
     """
 
     def __init__(
@@ -202,10 +207,11 @@ class KNNMonitor(pl.Callback):
         weights: Weights = "temperature",
         temperature: float = 0.07,
         bank_size: int | None = 10000,
+        strategy: Strategy = "auto",
     ) -> None:
         self.every_n_epochs = every_n_epochs
         self.k, self.metric, self.weights, self.temperature = k, metric, weights, temperature
-        self.bank_size = bank_size
+        self.bank_size, self.strategy = bank_size, strategy
 
     @torch.no_grad()
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
@@ -219,7 +225,7 @@ class KNNMonitor(pl.Callback):
         )
         queries = datamodule.val_indices[trainer.global_rank :: trainer.world_size]
         feats, labels = compute_features(extract, datamodule, queries, pl_module.device)
-        dist, idx = knn_search(feats, bank_feats, self.k, self.metric)
+        dist, idx = knn_search(feats, bank_feats, self.k, self.metric, strategy=self.strategy)
         probs = knn_vote(dist, bank_labels[idx], datamodule.num_classes, self.weights, self.temperature, self.metric)
         correct = (probs.argmax(1) == labels).sum().float()
         total = torch.tensor(float(len(labels)), device=pl_module.device)
