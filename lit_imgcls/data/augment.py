@@ -208,9 +208,3 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(shape)
     std_t = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(shape)
     return (images - mean_t) / std_t
-
-
-if __name__ == "__main__":
-    from lit_imgcls.data.preview import main
-
-    main()

@@ -4,7 +4,6 @@ Rows: N training images as loaded, the same images through the training pipeline
 augmented images (the config's alphas, or 1.0 where the config leaves them off).
 
     python -m lit_imgcls.data.preview --config configs/fashion_mnist/strong.yaml --out grid.png [--n 8]
-    python -m lit_imgcls.data.augment --config ... --out grid.png   (the same)
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from timm.models import adapt_input_conv, clean_state_dict
 from torch import nn
 
+from lit_imgcls.checkpoint_io import read_checkpoint
 from lit_imgcls.errors import ConfigError
 
 CLASSES_KEY = "lit_imgcls_classes"  # class names a task of this project stores in its checkpoints
@@ -29,8 +30,6 @@ class Weights:
 def read_weights(path: str | Path) -> Weights:
     """Read a timm/torchvision state dict (`.pth`, `.bin`, `.safetensors`), a timm training checkpoint, or any
     checkpoint of this project (its `net.` weights)."""
-    from lit_imgcls.tasks.checkpoints import read_checkpoint
-
     path = str(path)
     if not Path(path).is_file():
         raise ConfigError(f"pretrained weights {path} not found: fix the path in model.pretrained_checkpoint")

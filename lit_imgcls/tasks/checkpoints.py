@@ -5,21 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 from torch import nn
 
-from lit_imgcls.errors import ConfigError, UserError
+from lit_imgcls.checkpoint_io import read_checkpoint
+from lit_imgcls.errors import ConfigError
 
-
-def read_checkpoint(checkpoint: str | Path) -> dict:
-    """The raw checkpoint dict, with a clear error for a missing or unreadable file."""
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} not found: train one first or fix the path")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise UserError(f"checkpoint {path} could not be read ({error}): is it a PyTorch checkpoint?") from error
+__all__ = ["load_task", "load_task_network", "read_checkpoint"]
 
 
 def load_task(checkpoint: str | Path) -> pl.LightningModule:

@@ -9,10 +9,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lit_imgcls.checkpoint_io import read_checkpoint
 from lit_imgcls.errors import ConfigError, UserError
 from lit_imgcls.losses import distillation_loss, kd_kl_divergence
 from lit_imgcls.models import create_model
-from lit_imgcls.tasks.checkpoints import load_task_network, read_checkpoint
+from lit_imgcls.tasks.checkpoints import load_task_network
 from lit_imgcls.tasks.classifier import ImageClassifier
 
 TRAIN_DATA = {"labeled": "labeled", "unlabeled": "unlabeled", "semi": "combined"}
