@@ -14,6 +14,7 @@ from torch import nn
 from lit_imgcls.errors import ConfigError
 
 CLASSES_KEY = "lit_imgcls_classes"  # class names a task of this project stores in its checkpoints
+DATA_KEY = "lit_imgcls_data"  # the data's normalisation {mean, std} and image_shape [C, H, W], for export
 
 
 @dataclass
