@@ -8,6 +8,7 @@ file), so a deployer needs nothing but the file.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +42,18 @@ class DeployModel(nn.Module):
 class ScriptedDeployModel(nn.Module):
     """A traced `DeployModel` with the metadata as TorchScript attributes (`classes`, `mean`, `std`, ...)."""
 
+    classes: list[str]
+    mean: list[float]
+    std: list[float]
+    image_shape: list[int]
+
     def __init__(self, traced: nn.Module, metadata: dict[str, Any]) -> None:
         super().__init__()
         self.model = traced
-        self.classes: list[str] = list(metadata["classes"])
-        self.mean: list[float] = list(metadata["mean"])
-        self.std: list[float] = list(metadata["std"])
-        self.image_shape: list[int] = list(metadata["image_shape"])
+        self.classes = list(metadata["classes"])
+        self.mean = [float(v) for v in metadata["mean"]]
+        self.std = [float(v) for v in metadata["std"]]
+        self.image_shape = [int(v) for v in metadata["image_shape"]]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -100,7 +106,9 @@ def export_checkpoint(checkpoint: str | Path, format: str = "onnx", output: str 
 def export_torchscript(model: DeployModel, example: torch.Tensor, metadata: dict[str, Any], out: Path) -> None:
     traced = torch.jit.trace(model, example, check_trace=False)
     scripted = torch.jit.script(ScriptedDeployModel(traced, metadata))
-    torch.jit.save(scripted, str(out), _extra_files={EXTRA_FILE: json.dumps(metadata)})
+    with warnings.catch_warnings():  # TorchScript is deprecated in favour of torch.export, yet still what C++ loads
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(scripted, str(out), _extra_files={EXTRA_FILE: json.dumps(metadata)})
 
 
 def export_onnx(model: DeployModel, example: torch.Tensor, metadata: dict[str, Any], out: Path) -> None:
