@@ -5,8 +5,6 @@ image shape travel with the file (ONNX `metadata_props`, TorchScript attributes 
 file), so a deployer needs nothing but the file.
 """
 
-from __future__ import annotations
-
 import json
 import warnings
 from pathlib import Path
@@ -42,7 +40,7 @@ class DeployModel(nn.Module):
 class ScriptedDeployModel(nn.Module):
     """A traced `DeployModel` with the metadata as TorchScript attributes (`classes`, `mean`, `std`, ...)."""
 
-    classes: list[str]
+    classes: list[str]  # class-level annotations (no `from __future__ import annotations`): TorchScript reads them
     mean: list[float]
     std: list[float]
     image_shape: list[int]
@@ -104,10 +102,10 @@ def export_checkpoint(checkpoint: str | Path, format: str = "onnx", output: str 
 
 
 def export_torchscript(model: DeployModel, example: torch.Tensor, metadata: dict[str, Any], out: Path) -> None:
-    traced = torch.jit.trace(model, example, check_trace=False)
-    scripted = torch.jit.script(ScriptedDeployModel(traced, metadata))
     with warnings.catch_warnings():  # TorchScript is deprecated in favour of torch.export, yet still what C++ loads
         warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(model, example, check_trace=False)
+        scripted = torch.jit.script(ScriptedDeployModel(traced, metadata))
         torch.jit.save(scripted, str(out), _extra_files={EXTRA_FILE: json.dumps(metadata)})
 
 
