@@ -200,6 +200,8 @@ class TestReport(pl.Callback):
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled:
             return
+        # every rank asks: under DDP, trainer.log_dir is a broadcast (rank 0 alone asking would hang)
+        out, metrics_csv = self.output_dir(trainer), find_metrics_csv(trainer)
         local = concat_batches(self.parts)
         gathered = [local]
         if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
@@ -208,16 +210,17 @@ class TestReport(pl.Callback):
         self.parts = []
         if not trainer.is_global_zero or not any(gathered):
             return
-        predictions = self.collect(trainer, merge_ranks(gathered))
-        out = self.output_dir(trainer)
+        predictions = self.collect(trainer, merge_ranks(gathered), metrics_csv)
         out.mkdir(parents=True, exist_ok=True)
         torch.save(predictions, out / PREDICTIONS_FILE)
         tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        self.summary = write_report(predictions, out, predictions["metrics_csv"], tensorboard, self.bins)
+        self.summary = write_report(predictions, out, metrics_csv, tensorboard, self.bins)
         self.written = out
         print(f"test report ({self.summary['images']} images, ECE {self.summary['ece']:.4f}) written to {out}")
 
-    def collect(self, trainer: pl.Trainer, merged: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def collect(
+        self, trainer: pl.Trainer, merged: dict[str, torch.Tensor], metrics_csv: Path | None = None
+    ) -> dict[str, Any]:
         """The merged predictions with the class names, the checkpoint and the mistakes' images."""
         datamodule = trainer.datamodule
         k = merged["probs"].shape[1]
@@ -228,7 +231,6 @@ class TestReport(pl.Callback):
         if images is None:
             rank_zero_warn("the test report shows no mistake images: the datamodule has no `test_set.images`")
         checkpoint = str(trainer.ckpt_path) if trainer.ckpt_path else None
-        metrics_csv = find_metrics_csv(trainer)
         return {
             **merged,
             "classes": classes,

@@ -23,7 +23,13 @@ needs_fashion_mnist = pytest.mark.skipif(
     not HAS_FASHION_MNIST,
     reason=f"Fashion-MNIST missing: apt-get install -y dataset-fashion-mnist ({DEBIAN_FASHION_MNIST})",
 )
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def needs_cuda(test):
+    """Mark `test` as a CUDA test (`pytest -m cuda`, run by benchmarks/gpu_check.py) that skips without a GPU."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
+
+
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
