@@ -38,13 +38,13 @@ class PredictionWriter(BasePredictionWriter):
     def write_on_epoch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: list[Any], batch_indices: Any
     ) -> None:
-        local = _concat(predictions)
+        local = concat_batches(predictions)
         gathered = [local]
         if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
             gathered = [None] * trainer.world_size
             dist.all_gather_object(gathered, local)
         if trainer.is_global_zero:
-            merged = _merge(gathered)
+            merged = merge_ranks(gathered)
             self.written = self.write_csv(trainer, merged)
             print(f"{len(merged['index'])} predictions written to {self.written}")
 
@@ -75,12 +75,13 @@ def _class_name(classes: list[str], target: torch.Tensor) -> str:
     return classes[int(target.argmax()) if target.ndim else int(target)]
 
 
-def _concat(predictions: list[Any]) -> dict[str, torch.Tensor]:
+def concat_batches(predictions: list[Any]) -> dict[str, torch.Tensor]:
+    """One dict of CPU tensors from a list of per-batch dicts (or a list of such lists, one per dataloader)."""
     batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
     return {key: torch.cat([b[key].cpu() for b in batches]) for key in batches[0]} if batches else {}
 
 
-def _merge(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def merge_ranks(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Concatenate per-rank predictions, sort by index and drop repeated indices (sampler padding)."""
     parts = [p for p in parts if p]
     merged = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}

@@ -1,4 +1,5 @@
-"""The `lit-imgcls` command: LightningCLI with `fit`, `validate`, `test` and `predict` over any task."""
+"""The `lit-imgcls` command: LightningCLI with `fit`, `validate`, `test` and `predict` over any task, and the
+`export` and `report` commands of `lit_imgcls.commands`."""
 
 from __future__ import annotations
 
@@ -14,18 +15,22 @@ from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from lit_imgcls.callbacks import PredictionWriter
+from lit_imgcls.commands import COMMANDS, run_command
 from lit_imgcls.data import ImageDataModule
 from lit_imgcls.errors import UserError
+from lit_imgcls.report import TestReport
 
 
 class LitImgClsCLI(LightningCLI):
-    """Adds `--test_after_fit` (test the best checkpoint when `fit` ends) and a configurable prediction writer."""
+    """Adds `--test_after_fit` (test the best checkpoint when `fit` ends), a configurable prediction writer and
+    the test report (`--report.*`, written by every `test`)."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--test_after_fit", type=bool, default=False, help="After fit, run test on the best checkpoint."
         )
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
+        parser.add_lightning_class_args(TestReport, "report")
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):
@@ -104,8 +109,12 @@ def _user_error(err: BaseException) -> UserError | None:
 
 def main(args: ArgsType = None) -> None:
     """Entry point of `lit-imgcls` and `python -m lit_imgcls`."""
+    argv = sys.argv[1:] if args is None else list(args) if isinstance(args, list | tuple) else []
     try:
-        LitImgClsCLI(**CLI_OPTIONS, args=args)
+        if argv and argv[0] in COMMANDS:
+            run_command(argv)
+        else:
+            LitImgClsCLI(**CLI_OPTIONS, args=args)
     except Exception as err:
         user_error = _user_error(err)
         if user_error is None:

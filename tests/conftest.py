@@ -11,6 +11,7 @@ import cv2
 import pytest
 import torch
 
+from lit_imgcls.cli import main
 from lit_imgcls.data.datasets import DEBIAN_FASHION_MNIST, FASHION_MNIST_CLASSES, ImageTensors, load_fashion_mnist
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,7 +23,13 @@ needs_fashion_mnist = pytest.mark.skipif(
     not HAS_FASHION_MNIST,
     reason=f"Fashion-MNIST missing: apt-get install -y dataset-fashion-mnist ({DEBIAN_FASHION_MNIST})",
 )
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def needs_cuda(test):
+    """Mark `test` as a CUDA test (`pytest -m cuda`, run by benchmarks/gpu_check.py) that skips without a GPU."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
+
+
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
@@ -69,3 +76,43 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
         text=True,
         timeout=timeout,
     )
+
+
+TINY_FIT = [
+    "--data.train_subset=1000",
+    "--data.val_size=256",
+    "--data.test_subset=300",
+    "--data.batch_size=32",
+    "--trainer.max_epochs=1",
+    *QUIET,
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """One LeNet-5 `fit --test_after_fit=true` of 31 steps on 1,000 Fashion-MNIST images; its run folder."""
+    if not HAS_FASHION_MNIST:
+        pytest.skip(f"Fashion-MNIST missing: apt-get install -y dataset-fashion-mnist ({DEBIAN_FASHION_MNIST})")
+    cwd = tmp_path_factory.mktemp("tiny_run")
+    config = REPO / "configs" / "fashion_mnist" / "lenet5.yaml"
+    result = run_cli("fit", "--config", str(config), *TINY_FIT, "--test_after_fit=true", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = sorted((cwd / "runs" / "fashion_mnist_lenet5").glob("version_*"))
+    return run_dir
+
+
+@pytest.fixture
+def run_main(capsys, monkeypatch, tmp_path):
+    """Run the CLI in this process (in tmp_path), expecting a user error; returns what it printed to stderr."""
+    monkeypatch.setattr("sys.argv", ["lit-imgcls"])
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args: str) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "lit-imgcls: error:" in err
+        return err
+
+    return run

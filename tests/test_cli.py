@@ -6,20 +6,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lit_imgcls.cli import main
 from lit_imgcls.data import datasets
-from tests.conftest import QUIET, REPO, needs_fashion_mnist, run_cli
+from tests.conftest import QUIET, REPO, TINY_FIT, needs_fashion_mnist, run_cli
 
 pytestmark = [needs_fashion_mnist, pytest.mark.slow]
 CONFIG = str(REPO / "configs" / "fashion_mnist" / "lenet5.yaml")
-TINY = [
-    "--data.train_subset=1000",
-    "--data.val_size=256",
-    "--data.test_subset=300",
-    "--data.batch_size=32",
-    "--trainer.max_epochs=1",
-    *QUIET,
-]
+TINY = TINY_FIT
 
 
 def read_metrics(run_dir: Path) -> dict[str, float]:
@@ -37,12 +29,9 @@ def only_run_dir(cwd: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory) -> Path:
-    """One `fit --test_after_fit=true` on 1,000 images; returns its run folder."""
-    cwd = tmp_path_factory.mktemp("fit")
-    result = run_cli("fit", "--config", CONFIG, *TINY, "--test_after_fit=true", cwd=cwd)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return only_run_dir(cwd)
+def fitted(tiny_run) -> Path:
+    """One `fit --test_after_fit=true` on 1,000 images (conftest's `tiny_run`); returns its run folder."""
+    return tiny_run
 
 
 def test_fit_saves_config_metrics_and_best_checkpoint(fitted):
@@ -126,23 +115,6 @@ def test_user_error_exits_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "unknown model 'resnet81'" in result.stderr and "resnet18" in result.stderr
-
-
-@pytest.fixture
-def run_main(capsys, monkeypatch, tmp_path):
-    """Run the CLI in this process (in tmp_path), expecting a user error; returns what it printed to stderr."""
-    monkeypatch.setattr("sys.argv", ["lit-imgcls"])
-    monkeypatch.chdir(tmp_path)
-
-    def run(*args: str) -> str:
-        with pytest.raises(SystemExit) as exit_info:
-            main([*args])
-        assert exit_info.value.code == 2
-        err = capsys.readouterr().err
-        assert "Traceback" not in err and "lit-imgcls: error:" in err
-        return err
-
-    return run
 
 
 def test_missing_dataset_names_apt_and_download(run_main, tmp_path, monkeypatch):

@@ -1,5 +1,7 @@
 """A 2-process CPU DDP fit + test through the CLI agrees with a 1-process test of the same checkpoint."""
 
+import json
+
 import pytest
 
 from tests.conftest import QUIET, REPO, needs_fashion_mnist, run_cli
@@ -32,3 +34,8 @@ def test_ddp_fit_and_test_match_one_process(tmp_path):
     padding = -N_TEST % 2
     # each padded duplicate can move the 2-rank accuracy by at most 1 / (N + padding)
     assert abs(ddp_metrics["test/acc"] - single_acc) <= padding / (N_TEST + padding) + 1e-6
+    # the report gathers every rank's predictions once and drops the sampler's padding: exactly the 1-process report
+    ddp_report, single_report = ddp_run / "report", only_run_dir(tmp_path / "single") / "report"
+    assert json.loads((ddp_report / "report.json").read_text())["images"] == N_TEST
+    for name in ("confusion_matrix.csv", "per_class.csv"):
+        assert (ddp_report / name).read_text() == (single_report / name).read_text()

@@ -15,6 +15,7 @@ from lit_imgcls.checkpoint_io import read_checkpoint
 from lit_imgcls.errors import ConfigError
 
 CLASSES_KEY = "lit_imgcls_classes"  # class names a task of this project stores in its checkpoints
+DATA_KEY = "lit_imgcls_data"  # the data's normalisation {mean, std} and image_shape [C, H, W], for export
 
 
 @dataclass

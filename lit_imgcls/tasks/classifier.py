@@ -15,10 +15,22 @@ from torchmetrics.classification import MulticlassAccuracy
 from lit_imgcls.errors import ConfigError
 from lit_imgcls.losses import soft_target_cross_entropy
 from lit_imgcls.models import create_model
-from lit_imgcls.models.weights import CLASSES_KEY, head_names, head_parameter_names, load_weights, read_weights
+from lit_imgcls.models.weights import (
+    CLASSES_KEY,
+    DATA_KEY,
+    head_names,
+    head_parameter_names,
+    load_weights,
+    read_weights,
+)
 
 STAGES = ("train", "val", "test")
 FINETUNE_MODES = ("none", "linear_probe", "full", "gradual")
+
+
+def strip_compile_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """`state_dict` without the `_orig_mod.` that a network wrapped by `torch.compile` adds to its names."""
+    return {key.replace("_orig_mod.", ""): value for key, value in state_dict.items()}
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -64,6 +76,9 @@ class ImageClassifier(pl.LightningModule):
         unfreeze_epoch: `gradual`: the epoch (0-based) at which the backbone starts training.
         channels_last: keep the network's weights in channels-last memory format: convolutions run faster on
             CPUs (oneDNN) and on GPUs with mixed precision (see benchmarks/compile_channels_last.py).
+        compile: compile the network with `torch.compile` (in place, `nn.Module.compile`) when a fit, validate,
+            test or predict starts; the first steps pay the compilation. Checkpoints are the same with and
+            without it (a `_orig_mod.` prefix from a network wrapped by `torch.compile` is accepted on load).
     """
 
     def __init__(
@@ -86,6 +101,7 @@ class ImageClassifier(pl.LightningModule):
         backbone_lr_scale: float = 0.1,
         unfreeze_epoch: int = 1,
         channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -102,6 +118,7 @@ class ImageClassifier(pl.LightningModule):
             self.net.to(memory_format=torch.channels_last)
         self._check_finetune_options()
         self.pretrained_loaded = False
+        self.compiled = False
         self.backbone_frozen = finetune in ("linear_probe", "gradual") and unfreeze_epoch > 0
         self.set_backbone_requires_grad(not self.backbone_frozen)
         metrics = MetricCollection({"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro")})
@@ -125,6 +142,9 @@ class ImageClassifier(pl.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         self.check_data_matches(datamodule)
+        if self.hparams.compile and not self.compiled:
+            self.net.compile()  # in place: parameter names (and so checkpoints) stay those of the plain network
+            self.compiled = True
         if stage == "fit":
             self.load_pretrained(getattr(datamodule, "classes", None))
             if self.backbone_frozen and self.hparams.finetune == "gradual" and self.trainer.world_size > 1:
@@ -162,14 +182,15 @@ class ImageClassifier(pl.LightningModule):
         smoothing = self.hparams.label_smoothing if self.training else 0.0
         return soft_target_cross_entropy(logits, target, smoothing)
 
-    def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+    def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's loss and logits, accumulated into the stage's metrics."""
         logits, aux_logits = self.forward_with_aux(batch["image"])
         target = batch["target"]
         loss = self.compute_loss(logits, target)
         for aux in aux_logits:
             loss = loss + self.hparams.aux_loss_weight * self.compute_loss(aux, target)
         self.update_metrics(stage, logits, target, loss)
-        return loss
+        return loss, logits
 
     def update_metrics(self, stage: str, logits: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> None:
         """Accumulate a batch's accuracy (hard or soft targets) and loss into the stage's epoch metrics."""
@@ -182,15 +203,17 @@ class ImageClassifier(pl.LightningModule):
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._shared_step(batch, "train")
+        loss, _ = self._shared_step(batch, "train")
         self.log_step_loss(loss, len(batch["image"]))
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "val")
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "test")
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Logits and targets, for callbacks such as the test report (`lit_imgcls.report.TestReport`)."""
+        _, logits = self._shared_step(batch, "test")
+        return {"logits": logits.detach(), "target": batch["target"]}
 
     # Loss means and accuracies are torchmetrics states, synced across ranks and logged once per epoch.
     # Lightning's self.log costs ~1 ms a call on this CPU (5% of a LeNet-5 step), so the training step logs
@@ -263,14 +286,21 @@ class ImageClassifier(pl.LightningModule):
         self.pretrained_loaded = True
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the data's class names, so a transfer from this checkpoint knows whether its head fits."""
-        classes = getattr(getattr(self._trainer, "datamodule", None), "classes", None)
+        """Store the data's class names (a transfer from this checkpoint knows whether its head fits) and its
+        normalisation and image shape (what `lit-imgcls export` puts into the deployed model)."""
+        datamodule = getattr(self._trainer, "datamodule", None)
+        classes = getattr(datamodule, "classes", None)
         if classes is not None:
             checkpoint[CLASSES_KEY] = list(classes)
+        if getattr(datamodule, "mean", None) is not None and hasattr(datamodule, "image_shape"):
+            shape = list(datamodule.image_shape)
+            checkpoint[DATA_KEY] = {"mean": list(datamodule.mean), "std": list(datamodule.std), "image_shape": shape}
+        checkpoint["state_dict"] = strip_compile_prefix(checkpoint["state_dict"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The checkpoint's weights supersede `pretrained_checkpoint`: a later `fit` must not reload it."""
         self.pretrained_loaded = True
+        checkpoint["state_dict"] = strip_compile_prefix(checkpoint["state_dict"])
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Every parameter of the network except the head's (see `head`)."""

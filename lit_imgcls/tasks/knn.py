@@ -166,8 +166,11 @@ class KNNClassifier(pl.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.val_acc.update(self.classify(batch["image"])[0], batch["target"])
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.test_acc.update(self.classify(batch["image"])[0], batch["target"])
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Class probabilities and targets, for callbacks such as the test report."""
+        probs = self.classify(batch["image"])[0]
+        self.test_acc.update(probs, batch["target"])
+        return {"probs": probs, "target": batch["target"]}
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/acc", self.val_acc, prog_bar=True)
