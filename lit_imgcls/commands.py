@@ -11,10 +11,11 @@ from typing import NoReturn
 import lightning.pytorch as pl
 import torch
 
+from lit_imgcls.checkpoint_io import read_checkpoint
 from lit_imgcls.errors import UserError
 from lit_imgcls.export import FORMATS, export_checkpoint
 from lit_imgcls.report import PREDICTIONS_FILE, TestReport, write_report
-from lit_imgcls.tasks.checkpoints import load_task, read_checkpoint
+from lit_imgcls.tasks.checkpoints import load_task
 
 COMMANDS = ("export", "report")
 

@@ -14,9 +14,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from lit_imgcls.checkpoint_io import read_checkpoint
 from lit_imgcls.errors import UserError
 from lit_imgcls.models.weights import CLASSES_KEY, DATA_KEY
-from lit_imgcls.tasks.checkpoints import load_task, read_checkpoint
+from lit_imgcls.tasks.checkpoints import load_task
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
