@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 from unittest import mock
@@ -107,17 +107,23 @@ def _user_error(err: BaseException) -> UserError | None:
     return None
 
 
-def main(args: ArgsType = None) -> None:
-    """Entry point of `lit-imgcls` and `python -m lit_imgcls`."""
-    argv = sys.argv[1:] if args is None else list(args) if isinstance(args, list | tuple) else []
+def exit_on_user_error(run: Callable[[], object]) -> None:
+    """Call `run`; a mistake the tool recognises (a UserError) prints `lit-imgcls: error: ...` and exits 2,
+    without a traceback. Every command line of the project goes through here."""
     try:
-        if argv and argv[0] in COMMANDS:
-            run_command(argv)
-        else:
-            LitImgClsCLI(**CLI_OPTIONS, args=args)
+        run()
     except Exception as err:
         user_error = _user_error(err)
         if user_error is None:
             raise
         print(f"lit-imgcls: error: {user_error}", file=sys.stderr)
         sys.exit(2)
+
+
+def main(args: ArgsType = None) -> None:
+    """Entry point of `lit-imgcls` and `python -m lit_imgcls`."""
+    argv = sys.argv[1:] if args is None else list(args) if isinstance(args, list | tuple) else []
+    if argv and argv[0] in COMMANDS:
+        exit_on_user_error(lambda: run_command(argv))
+    else:
+        exit_on_user_error(lambda: LitImgClsCLI(**CLI_OPTIONS, args=args))

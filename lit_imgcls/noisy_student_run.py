@@ -27,7 +27,7 @@ from unittest import mock
 
 import lightning.pytorch as pl
 
-from lit_imgcls.cli import LitImgClsCLI, _user_error
+from lit_imgcls.cli import LitImgClsCLI, exit_on_user_error
 from lit_imgcls.data import ImageDataModule
 from lit_imgcls.errors import ConfigError
 from lit_imgcls.tasks.checkpoints import load_task
@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher_args", default="", help='teacher-only CLI arguments: "--teacher_args=--a=1 --b=2"')
     parser.add_argument("--student_args", default="", help='student-only CLI arguments: "--student_args=--a=1 --b=2"')
     options, shared = parser.parse_known_args(argv)
-    try:
-        run_generations(
+    exit_on_user_error(
+        lambda: run_generations(
             options.config,
             options.generations,
             options.out,
@@ -162,12 +162,7 @@ def main(argv: list[str] | None = None) -> None:
             shlex.split(options.teacher_args),
             shlex.split(options.student_args),
         )
-    except Exception as error:
-        user_error = _user_error(error)
-        if user_error is None:
-            raise
-        print(f"lit-imgcls: error: {user_error}", file=sys.stderr)
-        sys.exit(2)
+    )
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import cv2
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -31,6 +33,12 @@ def needs_cuda(test):
 
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def quiet_trainer(**kwargs: Any) -> pl.Trainer:
+    """A CPU Trainer without logger, checkpoints, progress bar or model summary; `kwargs` override any of them."""
+    options = {"accelerator": "cpu", "logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    return pl.Trainer(**{**options, "enable_model_summary": False, **kwargs})
 
 
 @pytest.fixture(scope="session")

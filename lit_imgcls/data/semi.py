@@ -1,4 +1,4 @@
-"""Labeled / unlabeled splits for distillation and noisy student (see /work/notes/DATA_API.md).
+"""Labeled / unlabeled splits for distillation and noisy student.
 
 The training split (after the validation split and `train_subset`) is divided class-balanced into a labeled part
 and an unlabeled part whose labels are hidden; an unlabeled image folder can be added. Which training loader a
