@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The Fashion-MNIST README's benchmark: architecture it lists and its test accuracy (the top of a listed range).
 REFERENCES: dict[str, tuple[str, float | None]] = {
     "lenet5": ("2 conv + pooling, 0.876 to 0.916", 0.916),
+    "fast_resnet": ("not listed; ResNet18 0.949", None),
     "alexnet": ("not listed", None),
     "vgg16": ("VGG16", 0.935),
     "googlenet": ("GoogLeNet", 0.937),
