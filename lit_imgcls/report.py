@@ -134,17 +134,9 @@ def write_report(
         if tensorboard is not None:
             tensorboard.experiment.add_figure(f"report/{name}", fig, close=False)
         fig.clf()
-    _close(figures)
     if tensorboard is not None:
         _log_scalars(tensorboard, summary, classes, m)
     return summary
-
-
-def _close(figures: Mapping[str, Any]) -> None:
-    import matplotlib.pyplot as plt
-
-    for fig in figures.values():
-        plt.close(fig)
 
 
 def _log_scalars(tensorboard: TensorBoardLogger, summary: Mapping[str, Any], classes: list[str], m: dict) -> None:

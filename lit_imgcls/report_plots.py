@@ -6,11 +6,6 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on clusters, CI or DDP ranks
-
-import matplotlib.pyplot as plt
 import torch
 from matplotlib.figure import Figure
 
@@ -26,7 +21,8 @@ def confusion_figure(confusion: torch.Tensor, classes: Sequence[str]) -> Figure:
     """Rows: true class, columns: predicted; colour: share of the true class (recall), text: counts up to 20 classes."""
     k = len(classes)
     side = min(24.0, max(6.0, 0.3 * k + 3))
-    fig, ax = plt.subplots(figsize=(side, side * 0.9))
+    fig = Figure(figsize=(side, side * 0.9))
+    ax = fig.subplots()
     share = confusion.double() / confusion.sum(dim=1, keepdim=True).clamp_min(1)
     image = ax.imshow(share.numpy(), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
@@ -54,7 +50,8 @@ def mistakes_figure(
     """A grid of uint8 images (N, C, H, W), each titled with its true and predicted class and the confidence."""
     n = max(1, len(images))
     rows = -(-n // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.9, rows * 2.2), squeeze=False)
+    fig = Figure(figsize=(columns * 1.9, rows * 2.2))
+    axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, t, p, c in zip(axes.flat, images, true, predicted, confidence, strict=False):
@@ -73,7 +70,8 @@ def reliability_figure(accuracy: torch.Tensor, confidence: torch.Tensor, count: 
     bins = len(count)
     edges = torch.linspace(0, 1, bins + 1)
     centers = ((edges[:-1] + edges[1:]) / 2).numpy()
-    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fig = Figure(figsize=(5, 6))
+    ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     filled = count > 0
     ax.bar(centers[filled], accuracy[filled].numpy(), width=1 / bins, edgecolor="black", label="accuracy")
     gap = (confidence - accuracy)[filled].numpy()
@@ -109,7 +107,8 @@ def learning_curves_figure(series: dict[str, tuple[list[float], list[float]]]) -
     """Losses on the left, accuracies (and any other metric) on the right, against the epoch; None without data."""
     if not series:
         return None
-    fig, (losses, others) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    losses, others = fig.subplots(1, 2)
     for name, (epochs, values) in sorted(series.items()):
         ax = losses if "loss" in name else others
         ax.plot(epochs, values, marker="o" if len(epochs) < 30 else None, label=name)

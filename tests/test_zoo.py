@@ -90,7 +90,7 @@ def test_googlenet_aux_losses_count_in_training_only():
     batch = {"image": torch.randn(4, 1, 28, 28), "target": torch.tensor([0, 1, 2, 3])}
     task.train()
     torch.manual_seed(1)
-    loss = task._shared_step(batch, "train")
+    loss, _ = task._shared_step(batch, "train")
     torch.manual_seed(1)
     logits, aux = task.forward_with_aux(batch["image"])
     assert len(aux) == 2
@@ -103,7 +103,7 @@ def test_googlenet_aux_losses_count_in_training_only():
     with torch.no_grad():
         logits, aux = task.forward_with_aux(batch["image"])
         assert aux == [] and torch.equal(task(batch["image"]), logits)
-        torch.testing.assert_close(task._shared_step(batch, "val"), ce(logits, batch["target"]))
+        torch.testing.assert_close(task._shared_step(batch, "val")[0], ce(logits, batch["target"]))
 
 
 def test_every_seed_architecture_has_a_config():
