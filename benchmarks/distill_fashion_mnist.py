@@ -17,6 +17,7 @@ and per-seed lists), gain, gap_recovered = (distilled - alone) / (teacher - alon
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import json
 import statistics
@@ -92,6 +93,7 @@ def main() -> None:
     hp = model.hparams
     setting = {
         "config": Path(args.config).name,
+        "config_sha1": hashlib.sha1(Path(args.config).read_bytes()).hexdigest()[:12],  # a cached run fits this text
         "epochs": trainer.max_epochs,
         "temperature": hp.temperature,
         "alpha": hp.alpha,
