@@ -1,6 +1,18 @@
 """DistillationModule: a frozen teacher, the three methods, checkpoints usable without the teacher, DDP."""
 
-from tests.conftest import QUIET, needs_fashion_mnist
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+
+from lit_imgcls.data import ImageDataModule
+from lit_imgcls.errors import ConfigError
+from lit_imgcls.tasks import DistillationModule, ImageClassifier, export_student
+from lit_imgcls.tasks.checkpoints import read_checkpoint
+from tests.conftest import QUIET, REPO, needs_fashion_mnist, quiet_trainer, run_cli
+from tests.test_cli import read_metrics
 
 pytestmark = needs_fashion_mnist
 SMALL = {"val_size": 128, "train_subset": 512, "batch_size": 32}
@@ -14,3 +26,163 @@ TINY_CLI = [
     "--trainer.limit_train_batches=4",
     *QUIET,
 ]
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory) -> Path:
+    """A LeNet-5 (with BatchNorm) ImageClassifier fitted for a few steps: real weights and running statistics."""
+    path = tmp_path_factory.mktemp("teacher") / "teacher.ckpt"
+    pl.seed_everything(0)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=8, limit_val_batches=0, enable_checkpointing=False)
+    trainer.fit(ImageClassifier(model="lenet5"), datamodule=ImageDataModule(**SMALL))
+    trainer.save_checkpoint(path)
+    return path
+
+
+class Watch(pl.Callback):
+    """Checks, at every training batch, that the teacher is in eval mode and the student in train mode."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        assert not module.teacher.training and not any(m.training for m in module.teacher.modules())
+        assert module.net.training
+        self.batches += 1
+
+
+@pytest.mark.parametrize(("method", "view"), [("semi", "same"), ("labeled", "clean")])
+def test_teacher_is_frozen_in_eval_and_untouched_by_a_fit(teacher_ckpt, method, view):
+    teacher_state = {k[4:]: v for k, v in read_checkpoint(teacher_ckpt)["state_dict"].items() if k.startswith("net.")}
+    module = DistillationModule(teacher=str(teacher_ckpt), method=method, teacher_view=view)
+    seen = []
+    teacher_logits = module.teacher_logits
+    module.teacher_logits = lambda images: seen.append(images) or teacher_logits(images)
+    inputs = []
+    module.on_train_batch_start = lambda batch, batch_idx: inputs.append(batch)
+    student_before = {k: v.clone() for k, v in module.net.state_dict().items()}
+    watch = Watch()
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=0, callbacks=[watch])
+    trainer.fit(module, datamodule=ImageDataModule(labels_per_class=10, **SMALL))
+
+    assert watch.batches == 3
+    after = module.teacher.state_dict()
+    assert after.keys() == teacher_state.keys() and any("running_mean" in k for k in after)
+    for key, value in teacher_state.items():  # weights and BatchNorm running statistics, bit for bit
+        assert torch.equal(after[key], value), key
+    assert all(p.grad is None and not p.requires_grad for p in module.teacher.parameters())
+    assert any(not torch.equal(v, student_before[k]) for k, v in module.net.state_dict().items())
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in module.net.parameters()}
+
+    batch = inputs[0]
+    if method == "semi":  # labeled batch: the student's view; unlabeled batch: the strong view
+        assert torch.equal(seen[0], batch["labeled"]["image"]) and torch.equal(
+            seen[1], batch["unlabeled"]["image_strong"]
+        )
+    else:
+        assert torch.equal(seen[0], batch["image_clean"]) and not torch.equal(seen[0], batch["image"])
+
+
+def test_alpha_zero_is_plain_supervised_training(teacher_ckpt):
+    """With alpha=0 the teacher has no say: the student's weights equal a plain ImageClassifier's, bit for bit."""
+    nets = []
+    for make in (lambda: ImageClassifier(model="lenet5"), lambda: DistillationModule(str(teacher_ckpt), alpha=0.0)):
+        pl.seed_everything(3)
+        module = make()
+        quiet_trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=0).fit(module, ImageDataModule(**SMALL))
+        nets.append(module.net.state_dict())
+    for key, value in nets[0].items():
+        assert torch.equal(nets[1][key], value), key
+
+
+def test_student_checkpoint_loads_without_the_teacher(teacher_ckpt, tmp_path):
+    module = DistillationModule(teacher=str(teacher_ckpt))
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, enable_checkpointing=False)
+    trainer.fit(module, datamodule=ImageDataModule(**SMALL))
+    path = tmp_path / "student.ckpt"
+    trainer.save_checkpoint(path)
+    assert not any(k.startswith("teacher.") for k in read_checkpoint(path)["state_dict"])
+
+    images = torch.randn(4, 1, 28, 28)
+    expected = module.eval().net(images)
+    for loaded in (
+        ImageClassifier.load_from_checkpoint(path),  # a plain classifier: extra hyperparameters are dropped
+        DistillationModule.load_from_checkpoint(path),  # the teacher is only built for fit
+        ImageClassifier.load_from_checkpoint(export_student(path, tmp_path / "exported.ckpt")),
+    ):
+        assert getattr(loaded, "teacher", None) is None
+        torch.testing.assert_close(loaded.eval()(images), expected)
+    exported = read_checkpoint(tmp_path / "exported.ckpt")
+    assert "teacher" not in exported["hyper_parameters"] and all(k.startswith("net.") for k in exported["state_dict"])
+
+    resumed = DistillationModule(teacher=str(teacher_ckpt))  # resuming rebuilds the teacher from its checkpoint
+    trainer = quiet_trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=0)
+    trainer.fit(resumed, datamodule=ImageDataModule(**SMALL), ckpt_path=path)
+    assert trainer.global_step == 4
+
+
+def test_teacher_class_count_must_match_the_data(teacher_ckpt, image_folder):
+    data = ImageDataModule(dataset="image_folder", data_dir=str(image_folder), channels=1, val_size=6, batch_size=8)
+    module = DistillationModule(teacher=str(teacher_ckpt), num_classes=3)
+    with pytest.raises(ConfigError, match="predicts 10 classes but the dataset has 3"):
+        quiet_trainer(max_epochs=1, limit_train_batches=1).fit(module, datamodule=data)
+
+
+def test_teacher_from_create_model_and_a_weights_file(teacher_ckpt, tmp_path):
+    net = ImageClassifier.load_from_checkpoint(teacher_ckpt).net
+    torch.save(net.state_dict(), tmp_path / "weights.pt")
+    module = DistillationModule(teacher=str(tmp_path / "weights.pt"), teacher_model="lenet5")
+    quiet_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0).fit(module, ImageDataModule(**SMALL))
+    for key, value in net.state_dict().items():
+        assert torch.equal(module.teacher.state_dict()[key], value)
+    with pytest.raises(ConfigError, match="do not fit teacher_model='cnn4'"):
+        wrong = DistillationModule(teacher=str(tmp_path / "weights.pt"), teacher_model="cnn4")
+        quiet_trainer(max_epochs=1, limit_train_batches=1).fit(wrong, ImageDataModule(**SMALL))
+
+
+def test_bad_options_raise_config_errors():
+    with pytest.raises(ConfigError, match="method"):
+        DistillationModule(teacher="t.ckpt", method="mixed")
+    with pytest.raises(ConfigError, match="alpha"):
+        DistillationModule(teacher="t.ckpt", alpha=1.5)
+
+
+def run_dir(cwd: Path, name: str) -> Path:
+    (found,) = sorted((cwd / "runs" / name).glob("version_*"))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["labeled", "unlabeled"])  # semi: the DDP test below
+def test_method_through_the_cli(teacher_ckpt, method, tmp_path):
+    config = str(REPO / "configs" / "distill" / f"{method}.yaml")
+    fit = run_cli("fit", "--config", config, f"--model.init_args.teacher={teacher_ckpt}", *TINY_CLI, cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    metrics = read_metrics(run_dir(tmp_path, f"distill_{method}"))
+    assert {"train/loss", "val/acc"} <= metrics.keys()
+    assert ("train/acc" in metrics) == (method == "labeled")  # no labels, no training accuracy
+
+
+@pytest.mark.slow
+def test_semi_ddp_and_the_exported_student_as_a_plain_classifier(teacher_ckpt, tmp_path):
+    """2-rank DDP fit of `semi` (no unused-parameter error from the frozen teacher), then its exported student
+    tested in one process as a plain ImageClassifier with the LeNet-5 config: the same test accuracy up to padding."""
+    config = str(REPO / "configs" / "distill" / "semi.yaml")
+    teacher = f"--model.init_args.teacher={teacher_ckpt}"
+    ddp = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+    fit = run_cli("fit", "--config", config, teacher, *TINY_CLI, *ddp, "--test_after_fit=true", cwd=tmp_path / "ddp")
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    ddp_run = run_dir(tmp_path / "ddp", "distill_semi")
+    ddp_acc = read_metrics(ddp_run)["test/acc"]
+    (best,) = (ddp_run / "checkpoints").glob("best-*.ckpt")
+    student = export_student(best, tmp_path / "student.ckpt")
+    lenet = str(REPO / "configs" / "fashion_mnist" / "lenet5.yaml")
+    single = run_cli("test", "--config", lenet, *TINY_CLI, f"--ckpt_path={student}", cwd=tmp_path / "one")
+    assert single.returncode == 0, single.stderr[-3000:]
+    single_run = run_dir(tmp_path / "one", "fashion_mnist_lenet5")
+    assert yaml.safe_load((single_run / "config.yaml").read_text())["model"]["class_path"].endswith("ImageClassifier")
+    single_acc = read_metrics(single_run)["test/acc"]
+    n_test, padding = 201, 201 % 2  # DistributedSampler repeats one test image so both ranks get 101
+    # each padded duplicate can move the 2-rank accuracy by at most 1 / (N + padding)
+    assert abs(ddp_acc - single_acc) <= padding / (n_test + padding) + 1e-6

@@ -1,15 +1,22 @@
+import csv
 import math
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 from lit_imgcls import neighbors
+from lit_imgcls.data import ImageDataModule
+from lit_imgcls.errors import ConfigError, UserError
 from lit_imgcls.neighbors import KNNIndex, knn_search, knn_vote
 from lit_imgcls.neighbors_bounds import LowerBound, principal_axes
 from lit_imgcls.neighbors_clustered import ClusteredBounds
-from tests.conftest import REPO, needs_cuda, needs_fashion_mnist
+from lit_imgcls.tasks import ImageClassifier, KNNClassifier, KNNMonitor
+from lit_imgcls.tasks.knn import penultimate_features
+from tests.conftest import QUIET, REPO, needs_cuda, needs_fashion_mnist, quiet_trainer, run_cli
+from tests.test_cli import read_metrics
 
 pytestmark = needs_fashion_mnist
 PIXELS = str(REPO / "configs" / "knn" / "fashion_mnist_pixels.yaml")
@@ -176,3 +183,84 @@ def test_temperature_weights_hand_computed():
 def test_search_rejects_k_larger_than_bank():
     with pytest.raises(ValueError, match="k=5 is larger than the reference bank"):
         knn_search(torch.zeros(2, 3), torch.zeros(4, 3), 5)
+
+
+def test_classifier_matches_sklearn_on_normalized_pixels():
+    dm = ImageDataModule(val_size=0, train_subset=3000, test_subset=500, augment="none", batch_size=250)
+    (result,) = quiet_trainer().test(KNNClassifier(k=5), dm, verbose=False)
+    bank = dm.transform_batch({"image": dm.train_set.images[dm.train_indices]}, train=False)["image"].flatten(1)
+    queries = dm.transform_batch({"image": dm.test_set.images[:500]}, train=False)["image"].flatten(1)
+    sk = KNeighborsClassifier(5).fit(bank.numpy(), dm.train_set.targets[dm.train_indices].numpy())
+    expected = (sk.predict(queries.numpy()) == dm.test_set.targets[:500].numpy()).mean()
+    assert result["test/acc"] == pytest.approx(expected, abs=1e-6)
+    assert result["test/acc"] > 0.7
+
+
+def test_k_larger_than_bank_is_a_clear_error():
+    dm = ImageDataModule(val_size=0, train_subset=10, test_subset=10)
+    with pytest.raises(ConfigError, match=r"k=20 is larger than the reference bank \(10 images\)"):
+        quiet_trainer().test(KNNClassifier(k=20), dm, verbose=False)
+
+
+def test_backbone_without_features_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot give features"):
+        penultimate_features(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)), "alexnet")
+    with pytest.raises(UserError, match="not found"):
+        KNNClassifier(features="checkpoint", checkpoint=str(tmp_path / "missing.ckpt"))
+    with pytest.raises(ConfigError, match=r"needs model\.init_args\.checkpoint"):
+        KNNClassifier(features="checkpoint")
+
+
+def test_checkpoint_features_and_monitor_rise_with_training(tmp_path):
+    pl.seed_everything(0)
+    dm = ImageDataModule(val_size=500, train_subset=2000, test_subset=500, batch_size=32, augment="none")
+    model = ImageClassifier("lenet5")
+    monitor = KNNMonitor(k=10, bank_size=2000)
+    trainer = quiet_trainer(max_epochs=2, callbacks=[monitor], default_root_dir=tmp_path)
+    (untrained,) = trainer.validate(model, dm, verbose=False)
+    before = untrained["val/knn_acc"]
+    trainer.fit(model, dm)
+    after = trainer.callback_metrics["val/knn_acc"].item()
+    assert after > before + 0.03 and after > 0.6
+    trainer.save_checkpoint(tmp_path / "lenet.ckpt")
+    knn = KNNClassifier(
+        k=10, metric="cosine", weights="temperature", features="checkpoint", checkpoint=str(tmp_path / "lenet.ckpt")
+    )
+    (result,) = quiet_trainer().test(knn, dm, verbose=False)
+    assert result["test/acc"] > 0.6
+
+
+@pytest.mark.slow
+def test_ddp_knn_matches_one_process(tmp_path):
+    n_test = 1001
+    args = ["--data.train_subset=3000", f"--data.test_subset={n_test}", "--data.batch_size=250", *QUIET]
+    ddp = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+    results = {}
+    for name, extra in (("single", []), ("ddp", ddp)):
+        run = run_cli("test", "--config", PIXELS, *args, *extra, cwd=tmp_path / name)
+        assert run.returncode == 0, run.stderr[-3000:]
+        (version,) = (tmp_path / name / "runs" / "knn_fashion_mnist_pixels").glob("version_*")
+        results[name] = read_metrics(version)["test/acc"]
+    padding = -n_test % 2
+    assert abs(results["ddp"] - results["single"]) <= padding / (n_test + padding) + 1e-6
+    assert results["single"] > 0.7
+
+
+@pytest.mark.slow
+def test_predict_writes_neighbour_classes(tmp_path):
+    out = tmp_path / "knn.csv"
+    args = ["--data.train_subset=2000", "--data.test_subset=50", f"--prediction_writer.output={out}", *QUIET]
+    run = run_cli("predict", "--config", PIXELS, *args, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 50
+    neighbours = rows[0]["neighbors"].split("|")
+    assert len(neighbours) == 5 and rows[0]["predicted"] in neighbours
+
+
+def test_timm_features_path():
+    dm = ImageDataModule(val_size=0, train_subset=200, test_subset=50, augment="none", batch_size=50)
+    knn = KNNClassifier(k=3, features="timm", timm_model="test_resnet", metric="cosine")
+    (result,) = quiet_trainer().test(knn, dm, verbose=False)
+    assert 0.0 <= result["test/acc"] <= 1.0
+    assert knn.bank[0].shape[0] == 200 and knn.bank[0].shape[1] == knn.backbone.num_features
