@@ -114,7 +114,9 @@ def test_ddp_generation_labels_like_one_process(teacher_checkpoint, tmp_path):
     two = torch.load(path)
 
     student = NoisyStudent(str(teacher_checkpoint), hard_labels=True, per_class=120)
-    trainer = quiet_trainer(tmp_path / "single", max_epochs=1, limit_train_batches=1, limit_val_batches=0)
+    trainer = quiet_trainer(
+        default_root_dir=tmp_path / "single", max_epochs=1, limit_train_batches=1, limit_val_batches=0
+    )
     trainer.fit(student, tiny_data(eval_batch_size=100))
     one = torch.load(tmp_path / "single" / PSEUDO_LABEL_FILE)
 
