@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
 import statistics
 import time
@@ -32,6 +31,7 @@ import torch
 from lit_imgcls.cli import instantiate_from_config
 from lit_imgcls.tasks import ImageClassifier
 from lit_imgcls.tasks.checkpoints import load_task
+from lit_imgcls.tasks.distill import student_hparams
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "distill" / "labeled.yaml"
@@ -56,8 +56,7 @@ def test_accuracy(module: pl.LightningModule, datamodule: pl.LightningDataModule
 
 def student_alone(distiller: pl.LightningModule) -> ImageClassifier:
     """The distillation config's student as a plain ImageClassifier (same architecture and optimizer)."""
-    keep = set(inspect.signature(ImageClassifier.__init__).parameters) - {"self", "optimizer", "lr_scheduler"}
-    options = {key: value for key, value in distiller.hparams.items() if key in keep}
+    options = student_hparams(distiller.hparams)
     return ImageClassifier(**options, optimizer=distiller.optimizer_factory, lr_scheduler=distiller.scheduler_factory)
 
 

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +27,12 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results"
 BENCH = REPO / "benchmarks"
 # the setting where distillation gains most over its own baseline (and costs LeNet-5 accuracy at 20 epochs)
-MIXED_VIEW = ["--data.cutmix_alpha=1.0", "--data.mixup_alpha=0.8", "--model.init_args.temperature=1.0"]
-MIXED_VIEW.append("--model.init_args.alpha=1.0")
+MIXED_VIEW = [
+    "--data.cutmix_alpha=1.0",
+    "--data.mixup_alpha=0.8",
+    "--model.init_args.temperature=1.0",
+    "--model.init_args.alpha=1.0",
+]
 SECTIONS: dict[str, list[list[str]]] = {
     "fast_resnet": [[sys.executable, str(BENCH / "fast_resnet_fashion_mnist.py")]],
     "distill": [
@@ -99,8 +102,6 @@ def main() -> None:
 
     for path in draw_all(RESULTS, REPO / "docs"):
         print("wrote", path.relative_to(REPO))
-    if shutil.which("git"):
-        subprocess.run(["git", "status", "--short", "docs"], cwd=REPO)
 
 
 if __name__ == "__main__":

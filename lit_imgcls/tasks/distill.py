@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -183,15 +184,21 @@ class DistillationModule(ImageClassifier):
             checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
 
 
+def student_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """The `ImageClassifier` arguments among a DistillationModule's hyperparameters: its student alone."""
+    keep = set(inspect.signature(ImageClassifier.__init__).parameters) - {"self"}
+    return {key: value for key, value in hparams.items() if key in keep}
+
+
 def export_student(checkpoint: str | Path, out: str | Path) -> Path:
     """Write the student of a DistillationModule checkpoint as a plain ImageClassifier checkpoint (net.* only)."""
     source = read_checkpoint(checkpoint)
     hparams = source.get("hyper_parameters", {})
     if "teacher" not in hparams:
         raise UserError(f"{checkpoint} is not a DistillationModule checkpoint (no teacher hyperparameter)")
-    keep = set(inspect.signature(ImageClassifier.__init__).parameters) | {"_instantiator"}
-    student = {key: value for key, value in hparams.items() if key in keep}
-    student["_class_path"] = IMAGE_CLASSIFIER
+    student = {**student_hparams(hparams), "_class_path": IMAGE_CLASSIFIER}
+    if "_instantiator" in hparams:
+        student["_instantiator"] = hparams["_instantiator"]
     state = {key: value for key, value in source["state_dict"].items() if key.startswith("net.")}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
