@@ -7,7 +7,8 @@ Markdown tables.
     python benchmarks/results.py --plot-only          # redraw the plots and tables from docs/results/
 
 Sections: `fast_resnet` (the recipe over 3 seeds, its EMA and raw weights, validation curves), `distill`,
-`noisy_student`, `transfer`. A section that is already stored is not run again unless --force is given.
+`noisy_student`, `transfer`, `architectures` (the eight seed configs at a 3-minute CPU budget each). A section that
+is already stored is not run again unless --force is given.
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ MIXED_VIEW = [
     "--model.init_args.temperature=1.0",
     "--model.init_args.alpha=1.0",
 ]
+# The eight seed architectures at one reduced CPU budget (their configs are GPU recipes): 3 minutes of training each,
+# 1,000 validation images, the first 2,000 test images.
+ARCHITECTURE_BUDGET = [
+    "--minutes=3",
+    "--configs",
+    *("alexnet", "vgg16", "googlenet", "resnet18", "seresnet18", "densenet121", "efficientnet_b0", "lenet5"),
+    "--",
+    "--data.val_size=1000",
+    "--data.eval_batch_size=250",
+    "--trainer.limit_test_batches=8",
+]
 SECTIONS: dict[str, list[list[str]]] = {
     "fast_resnet": [[sys.executable, str(BENCH / "fast_resnet_fashion_mnist.py")]],
     "distill": [
@@ -41,6 +53,7 @@ SECTIONS: dict[str, list[list[str]]] = {
     ],
     "noisy_student": [[sys.executable, str(BENCH / "noisy_student_fashion_mnist.py")]],
     "transfer": [[sys.executable, str(BENCH / "transfer_fashion_mnist.py")]],
+    "architectures": [[sys.executable, str(BENCH / "fashion_mnist_table.py"), *ARCHITECTURE_BUDGET]],
 }
 
 

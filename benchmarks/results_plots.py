@@ -96,11 +96,29 @@ def transfer(record: dict[str, Any], ax: plt.Axes) -> str:
     return f"| labels per class | {' | '.join(modes)} |\n|---|{'---|' * len(modes)}\n" + "\n".join(lines)
 
 
+def architectures(record: dict[str, Any], ax: plt.Axes) -> str:
+    rows = record["rows"]
+    names = [row["model"] for row in rows]
+    ax.bar(names, [row["test_acc"] for row in rows], color="#6baed6")
+    for i, row in enumerate(rows):
+        ax.text(i, row["test_acc"] + 0.01, f"{row['steps']} steps", ha="center", fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    ax.set_ylabel("test accuracy (first 2,000 test images)")
+    ax.set_title(f"seed architectures, {rows[0]['budget_minutes']:g} minutes of CPU training each")
+    lines = ["| config | steps | epochs | test accuracy | Fashion-MNIST README |", "|---|---:|---:|---:|---|"]
+    for row in rows:
+        reference = row["reference"] or "not listed"
+        lines.append(f"| {row['model']} | {row['steps']} | {row['epochs']} | {row['test_acc']:.4f} | {reference} |")
+    return "\n".join(lines)
+
+
 DRAWERS: dict[str, Callable[[dict[str, Any], plt.Axes], str]] = {
     "fast_resnet": fast_resnet,
     "distill": distill,
     "noisy_student": noisy_student,
     "transfer": transfer,
+    "architectures": architectures,
 }
 
 
