@@ -1,8 +1,8 @@
 """Building blocks of batched augmentation with Kornia: per-image RandAugment/TrivialAugment, 1-channel support.
 
-Every function here takes and returns float image batches (N, C, H, W) in [0, 1] on any device. The presets and
-the options that choose among these blocks live in `lit_imgcls.data.pipeline`; batch mixing (CutMix/MixUp) in
-`lit_imgcls.data.mix`.
+The ops take and return float image batches (N, C, H, W) in [0, 1] on any device; `to_float` and `normalize` are
+the conversions around them. The presets and the options that choose among these blocks live in
+`lit_imgcls.data.pipeline`; batch mixing (CutMix/MixUp) in `lit_imgcls.data.mix`.
 """
 
 from __future__ import annotations

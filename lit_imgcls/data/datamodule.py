@@ -31,7 +31,7 @@ DATASETS = ("fashion_mnist", *TORCHVISION_DATASETS, "image_folder")
 
 
 class ImageDataModule(LabeledUnlabeledMixin, pl.LightningDataModule):
-    """Loads a dataset once as uint8 tensors and augments whole batches on the device.
+    """Loads a dataset once as uint8 tensors, splits it and serves loaders; its `pipeline` transforms the batches.
 
     Args:
         dataset: `fashion_mnist`, `mnist`, `cifar10`, `cifar100`, or `image_folder` (`data_dir/<class>/<image>`).

@@ -95,8 +95,7 @@ class PipelineOptions:
                 f"RandAugment needs data.randaugment_n >= 1 and 0 <= data.randaugment_m <= {MAX_MAGNITUDE}, "
                 f"got n={self.randaugment_n}, m={self.randaugment_m}"
             )
-        mix = (self.cutmix_alpha, self.mixup_alpha, self.mix_prob, self.switch_prob, self.mix_label_smoothing)
-        check_mix_options(*mix)
+        check_mix_options(*self._mix_args())
         if self.std is not None and min(self.std, default=1.0) <= 0:
             raise ConfigError(f"data.std must be positive, one value per channel, got {self.std}")
 
@@ -114,6 +113,13 @@ class PipelineOptions:
     def mixes(self) -> bool:
         """Whether CutMix or MixUp mixes training images."""
         return self.cutmix_alpha > 0 or self.mixup_alpha > 0
+
+    def _mix_args(self) -> tuple[float, float, float, float, float]:
+        return self.cutmix_alpha, self.mixup_alpha, self.mix_prob, self.switch_prob, self.mix_label_smoothing
+
+    def batch_mix(self, num_classes: int) -> BatchMix | None:
+        """The mix stage (CutMix/MixUp, label smoothing folded into soft targets); None when all are off."""
+        return BatchMix(num_classes, *self._mix_args()) if self.mixes or self.mix_label_smoothing > 0 else None
 
     def hparams(self) -> dict[str, Any]:
         """The options as hyperparameters: every one but `augment_ops` (Kornia modules, not plain values)."""
@@ -210,13 +216,7 @@ class BatchPipeline(nn.Module):
         self.train_augmentation = build_train_augmentation(options.augment, size, options, options.augment_ops)
         self.weak_augmentation = build_train_augmentation(options.weak_augment, size, options)
         self.strong_augmentation = build_train_augmentation(options.strong_augment, size, options)
-        mixing = options.mixes or options.mix_label_smoothing > 0
-        o = options
-        self.mix = (
-            BatchMix(num_classes, o.cutmix_alpha, o.mixup_alpha, o.mix_prob, o.switch_prob, o.mix_label_smoothing)
-            if mixing
-            else None
-        )
+        self.mix = options.batch_mix(num_classes)
 
     def check(self, request: DataRequest) -> None:
         """ConfigError when a task's request cannot be served with these options."""
