@@ -24,7 +24,7 @@ from lit_imgcls.data.datasets import (
 )
 from lit_imgcls.data.pipeline import BatchPipeline, PipelineOptions, normalization_stats
 from lit_imgcls.data.protocol import DataRequest, data_request
-from lit_imgcls.data.semi import LabeledUnlabeledMixin, check_semi_options, class_balanced_split, train_val_split
+from lit_imgcls.data.semi import LabeledUnlabeledMixin, check_split_options, class_balanced_split, train_val_split
 from lit_imgcls.errors import ConfigError
 
 DATASETS = ("fashion_mnist", *TORCHVISION_DATASETS, "image_folder")
@@ -94,8 +94,6 @@ class ImageDataModule(LabeledUnlabeledMixin, pl.LightningDataModule):
         self.options = PipelineOptions(**pipeline)
         self.save_hyperparameters(ignore=["augment_ops"])
         self.save_hyperparameters({**self.options.hparams(), **self.hparams})  # the options left at their defaults too
-        if not 0.0 <= val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         if channels not in (None, 1, 3):
             raise ConfigError(f"data.channels must be 1 or 3, got {channels}")
         for name, value in (("train_subset", train_subset), ("test_subset", test_subset)):
@@ -107,7 +105,7 @@ class ImageDataModule(LabeledUnlabeledMixin, pl.LightningDataModule):
         self.test_set: ImageTensors | None = None
         self.predict_set: ImageTensors | None = None
         self.train_indices = self.val_indices = torch.empty(0, dtype=torch.long)
-        check_semi_options(labels_per_class, labeled_fraction, unlabeled_batch_ratio)
+        check_split_options(val_fraction, labels_per_class, labeled_fraction, unlabeled_batch_ratio)
         self.unlabeled_indices: torch.Tensor | None = None
         self._unlabeled_set: ImageTensors | None = None
         self.unlabeled_true_targets: torch.Tensor | None = None

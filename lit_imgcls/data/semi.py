@@ -33,10 +33,12 @@ def train_val_split(
     return train.sort().values, permutation[:n_val].sort().values
 
 
-def check_semi_options(
-    labels_per_class: int | None, labeled_fraction: float | None, unlabeled_batch_ratio: float
+def check_split_options(
+    val_fraction: float, labels_per_class: int | None, labeled_fraction: float | None, unlabeled_batch_ratio: float
 ) -> None:
-    """ConfigError for contradictory or out-of-range labeled/unlabeled options."""
+    """ConfigError for contradictory or out-of-range validation and labeled/unlabeled options."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
     if labels_per_class is not None and labeled_fraction is not None:
         raise ConfigError("data.labels_per_class and data.labeled_fraction both set: keep one of them")
     if labels_per_class is not None and labels_per_class < 1:
