@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from lit_imgcls.data.augment import build_train_augmentation, to_float
+from lit_imgcls.data.augment import to_float
 from lit_imgcls.data.datasets import load_fashion_mnist
+from lit_imgcls.data.pipeline import build_train_augmentation
 
 SIZES = ((28, 1), (32, 3), (224, 3))
 

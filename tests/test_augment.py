@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from lit_imgcls.data import ImageDataModule
-from lit_imgcls.data.augment import AUGMENT_PRESETS, apply_op, build_train_augmentation, policy_ops
+from lit_imgcls.data.augment import apply_op, policy_ops
 from lit_imgcls.data.mix import BatchMix
+from lit_imgcls.data.pipeline import AUGMENT_PRESETS, PipelineOptions, build_train_augmentation
 from lit_imgcls.errors import ConfigError
 from lit_imgcls.losses import soft_target_cross_entropy
 from lit_imgcls.tasks import ImageClassifier
@@ -98,7 +99,7 @@ def test_randomness_is_per_image_unless_same_on_batch(preset, gray):
     torch.manual_seed(0)
     out = build_train_augmentation(preset, (28, 28))(copies)
     assert len({tuple(row.flatten().tolist()) for row in out}) > 4
-    same = build_train_augmentation(preset, (28, 28), same_on_batch=True)
+    same = build_train_augmentation(preset, (28, 28), PipelineOptions(same_on_batch=True))
     for seed in range(3):
         torch.manual_seed(seed)
         out = same(copies)
@@ -113,7 +114,13 @@ def test_bad_options_name_the_fix():
     with pytest.raises(ConfigError, match="cutmix_alpha"):
         ImageDataModule(augment_ops=[K.RandomCutMixV2(use_correct_lambda=True)])
     with pytest.raises(ConfigError, match="RandAugment needs"):
-        build_train_augmentation("randaugment", (28, 28), randaugment_m=30)
+        PipelineOptions(randaugment_m=30)
+    with pytest.raises(ConfigError, match="randaugment_n"):
+        ImageDataModule(randaugment_n=0)
+    with pytest.raises(ConfigError, match="crop_padding"):
+        ImageDataModule(crop_padding=-1)
+    with pytest.raises(ConfigError, match="std must be positive"):
+        ImageDataModule(std=[0.0])
     for bad in (dict(cutmix_alpha=-1.0), dict(mix_prob=1.5), dict(switch_prob=-0.1), dict(mix_label_smoothing=1.0)):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             ImageDataModule(**bad)
@@ -214,7 +221,7 @@ def test_weak_and_strong_views():
     dm = ImageDataModule(weak_augment="none", strong_augment="strong", **TINY_DM)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    views = dm.transform_views(batch)
+    views = dm.pipeline.unlabeled_batch(batch)
     torch.testing.assert_close(views["image"], dm.transform_batch(batch, train=False)["image"])
     assert views["image_strong"].shape == views["image"].shape
     assert not torch.equal(views["image_strong"], views["image"])

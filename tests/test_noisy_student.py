@@ -166,5 +166,5 @@ def test_configs_instantiate(config, tmp_path, monkeypatch):
     data = cli.datamodule.hparams
     assert (data.labels_per_class, data.labeled_fraction) in ((100, None), (None, 0.1))
     if expected is NoisyStudent:
-        assert cli.model.train_data == "combined"
+        assert cli.model.data_request.train_data == "combined"
         assert cli.model.hparams.teacher.endswith("generation_0.ckpt")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lit_imgcls.data import ImageDataModule
+from lit_imgcls.data.protocol import DataRequest
 from lit_imgcls.data.semi import UNKNOWN_TARGET
 from lit_imgcls.errors import ConfigError
 from tests.conftest import needs_fashion_mnist, write_image_folder
@@ -51,7 +52,7 @@ def test_unlabeled_batches_have_views_and_no_target(split_dm):
     batch = next(iter(dm.unlabeled_dataloader(train=True)))
     assert "target" not in batch and len(batch["image"]) == 80  # round(2.5 * 32)
     assert torch.equal(batch["image"], dm.unlabeled_set.images[batch["index"]])
-    views = dm.transform_views(batch)
+    views = dm.pipeline.unlabeled_batch(batch)
     assert "target" not in views and views["image"].dtype == views["image_strong"].dtype == torch.float32
     ordered = [b["index"] for b in dm.unlabeled_dataloader(train=False)]
     assert torch.equal(torch.cat(ordered), torch.arange(1800))  # labeling pass: everything, in order
@@ -100,12 +101,11 @@ def test_bad_semi_options_raise_config_errors():
 
 
 class Recorder(pl.LightningModule):
-    """Records the training batches it receives; `train_data` and `wants_clean_view` as a task would set them."""
+    """Records the training batches it receives; asks for its data with `data_request`, as a task does."""
 
-    def __init__(self, train_data: str, wants_clean_view: bool = False) -> None:
+    def __init__(self, data_request: object = None) -> None:
         super().__init__()
-        self.train_data = train_data
-        self.wants_clean_view = wants_clean_view
+        self.data_request = data_request
         self.layer = torch.nn.Linear(1, 1)
         self.batches: list = []
 
@@ -134,22 +134,31 @@ def fit_recorder(dm: ImageDataModule, module: Recorder, batches: int = 2) -> lis
 
 def test_the_task_chooses_the_training_loader():
     dm = ImageDataModule(labels_per_class=10, augment="none", **SMALL)
-    labeled = fit_recorder(dm, Recorder("labeled", wants_clean_view=True), batches=10)
+    labeled = fit_recorder(dm, Recorder(DataRequest("labeled", clean_view=True)), batches=10)
     assert len(labeled) == 3  # 100 labeled images, batch 32, drop_last
     assert labeled[0]["target"].shape == (32,) and "image_clean" in labeled[0]
     torch.testing.assert_close(labeled[0]["image_clean"], labeled[0]["image"])  # augment=none: views agree
 
-    (unlabeled, *_) = fit_recorder(dm, Recorder("unlabeled"))
+    (unlabeled, *_) = fit_recorder(dm, Recorder(DataRequest("unlabeled")))
     assert set(unlabeled) == {"image", "image_strong", "index"} and unlabeled["image"].dtype == torch.float32
 
-    combined = fit_recorder(dm, Recorder("combined"), batches=5)
+    combined = fit_recorder(dm, Recorder(DataRequest("combined")), batches=5)
     assert len(combined) == 5  # max_size_cycle: the unlabeled loader sets the epoch length, labeled batches cycle
     assert set(combined[0]) == {"labeled", "unlabeled"}
     assert "target" in combined[0]["labeled"] and "image_clean" not in combined[0]["labeled"]
     assert "target" not in combined[0]["unlabeled"] and "image_strong" in combined[0]["unlabeled"]
 
 
-def test_unknown_train_data_is_a_config_error():
-    dm = ImageDataModule(**SMALL)
-    with pytest.raises(ConfigError, match="train_data"):
-        fit_recorder(dm, Recorder("pseudo"))
+def test_a_task_without_a_request_gets_labeled_batches():
+    (batch, *_) = fit_recorder(ImageDataModule(**SMALL), Recorder())
+    assert set(batch) == {"image", "target", "index"} and batch["target"].shape == (32,)
+
+
+def test_a_bad_request_is_a_config_error():
+    with pytest.raises(ConfigError, match="train_data='pseudo': choose one of labeled, unlabeled, combined"):
+        DataRequest("pseudo")
+    with pytest.raises(ConfigError, match=r"must be a lit_imgcls\.data\.protocol\.DataRequest"):
+        fit_recorder(ImageDataModule(**SMALL), Recorder("combined"))
+    mixing = ImageDataModule(cutmix_alpha=1.0, labels_per_class=10, **SMALL)
+    with pytest.raises(ConfigError, match="clean view is not mixed"):
+        fit_recorder(mixing, Recorder(DataRequest("combined", clean_view=True)))

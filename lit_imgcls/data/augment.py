@@ -1,16 +1,13 @@
-"""Batched training augmentation with Kornia: presets, YAML op lists, per-image RandAugment, normalization.
+"""Building blocks of batched augmentation with Kornia: per-image RandAugment/TrivialAugment, 1-channel support.
 
-Every function here takes and returns float image batches (N, C, H, W) in [0, 1] on any device. A pipeline is a
-preset (`none`, `basic`, `standard`, `randaugment`, `trivialaugment`, `strong`) followed by any extra Kornia ops
-(`kornia.augmentation.*`, named by `class_path`/`init_args` in YAML). Batch mixing (CutMix/MixUp) is a separate
-stage after the pipeline: see `lit_imgcls.data.mix`. Preview a config's augmentation as a PNG grid:
-
-    python -m lit_imgcls.data.preview --config configs/fashion_mnist/strong.yaml --out grid.png
+The ops take and return float image batches (N, C, H, W) in [0, 1] on any device; `to_float` and `normalize` are
+the conversions around them. The presets and the options that choose among these blocks live in
+`lit_imgcls.data.pipeline`; batch mixing (CutMix/MixUp) in `lit_imgcls.data.mix`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import kornia.augmentation as K
 import torch
@@ -20,7 +17,6 @@ from torch import nn
 
 from lit_imgcls.errors import ConfigError
 
-AUGMENT_PRESETS = ("none", "basic", "standard", "randaugment", "trivialaugment", "strong")
 MAX_MAGNITUDE = 10  # RandAugment's m runs 0..10, as in timm (`rand-m9-n2`)
 MIX_OPS = (K.RandomCutMixV2, K.RandomMixUpV2, K.RandomMosaic)
 # Kornia ops that refuse (or make no sense on) 1-channel input; `Augmentation` runs them on a 3-channel copy.
@@ -109,10 +105,9 @@ def policy_ops(level: float, same_on_batch: bool = False) -> list[nn.Module]:
     ]
 
 
-def rand_augment(n: int = 2, m: int = 9, same_on_batch: bool = False) -> nn.Module:
-    """RandAugment applied per image: `n` layers, each one op drawn per image, magnitudes drawn up to `m` (0..10)."""
-    if n < 1 or not 0 <= m <= MAX_MAGNITUDE:
-        raise ConfigError(f"RandAugment needs n >= 1 and 0 <= m <= {MAX_MAGNITUDE}, got n={n}, m={m}")
+def rand_augment(n: int, m: int, same_on_batch: bool = False) -> nn.Module:
+    """RandAugment applied per image: `n` >= 1 layers, each one op drawn per image, magnitudes drawn up to `m`
+    (0..MAX_MAGNITUDE; `PipelineOptions` checks both)."""
     return Augmentation(
         *(RandomChoicePerImage(policy_ops(m / MAX_MAGNITUDE, same_on_batch), same_on_batch) for _ in range(n))
     )
@@ -121,42 +116,6 @@ def rand_augment(n: int = 2, m: int = 9, same_on_batch: bool = False) -> nn.Modu
 def trivial_augment(same_on_batch: bool = False) -> nn.Module:
     """TrivialAugment per image: one op drawn per image, its magnitude drawn uniformly up to the maximum."""
     return Augmentation(RandomChoicePerImage(policy_ops(1.0, same_on_batch), same_on_batch))
-
-
-def preset_ops(
-    preset: str,
-    image_size: Sequence[int],
-    crop_padding: int = 4,
-    hflip: bool = True,
-    randaugment_n: int = 2,
-    randaugment_m: int = 9,
-    same_on_batch: bool = False,
-) -> list[nn.Module]:
-    """The Kornia ops of a preset; `hflip` adds a horizontal flip to `basic`, `standard` and `strong`."""
-    s = dict(same_on_batch=same_on_batch)
-    flip = [K.RandomHorizontalFlip(**s)] if hflip else []
-    crop = [K.RandomCrop(tuple(image_size), padding=crop_padding, **s)] if crop_padding > 0 else []
-    presets: dict[str, Callable[[], list[nn.Module]]] = {
-        "none": list,
-        "basic": lambda: crop + flip,
-        "standard": lambda: [
-            K.RandomAffine(10.0, translate=(0.1, 0.1), scale=(0.9, 1.1), shear=8.0, p=0.5, **s),
-            *flip,
-            K.RandomBrightness((0.8, 1.2), p=0.5, **s),
-            K.RandomContrast((0.8, 1.2), p=0.5, **s),
-            K.RandomPerspective(0.2, p=0.3, **s),
-        ],
-        "randaugment": lambda: [rand_augment(randaugment_n, randaugment_m, same_on_batch)],
-        "trivialaugment": lambda: [trivial_augment(same_on_batch)],
-        "strong": lambda: [
-            *flip,
-            rand_augment(randaugment_n, randaugment_m, same_on_batch),
-            K.RandomErasing(p=0.25, **s),
-        ],
-    }
-    if preset not in presets:
-        raise ConfigError(f"unknown augmentation preset {preset!r}: choose one of {', '.join(AUGMENT_PRESETS)}")
-    return presets[preset]()
 
 
 def check_ops(ops: Sequence[nn.Module]) -> None:
@@ -171,30 +130,6 @@ def check_ops(ops: Sequence[nn.Module]) -> None:
                 f"data.augment_ops: {type(op).__name__} is not a Kornia augmentation: name a class of "
                 "kornia.augmentation, e.g. {class_path: kornia.augmentation.RandomRotation, init_args: {degrees: 15}}"
             )
-
-
-def build_train_augmentation(
-    preset: str,
-    image_size: Sequence[int],
-    crop_padding: int = 4,
-    hflip: bool = True,
-    ops: Sequence[nn.Module] | None = None,
-    randaugment_n: int = 2,
-    randaugment_m: int = 9,
-    same_on_batch: bool = False,
-) -> nn.Module:
-    """The training pipeline: the preset's ops, then the extra Kornia `ops`; `none` without ops is the identity.
-
-    `basic`: random crop of the original size from the image zero-padded by `crop_padding`, then a horizontal flip.
-    `standard`: affine (rotation, translation, scale, shear), flip, brightness and contrast jitter, perspective.
-    `randaugment`: RandAugment(n, m) drawn per image. `trivialaugment`: TrivialAugment drawn per image.
-    `strong`: flip, RandAugment(n, m), random erasing (p=0.25).
-    """
-    extra = list(ops or [])
-    check_ops(extra)
-    pipeline = preset_ops(preset, image_size, crop_padding, hflip, randaugment_n, randaugment_m, same_on_batch)
-    pipeline += extra
-    return Augmentation(*pipeline) if pipeline else nn.Identity()
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

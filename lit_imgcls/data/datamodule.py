@@ -10,7 +10,6 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info
 from torch.utils.data import DataLoader
 
-from lit_imgcls.data.augment import AUGMENT_PRESETS, build_train_augmentation, check_ops, normalize, to_float
 from lit_imgcls.data.datasets import (
     TORCHVISION_DATASETS,
     ImageTensors,
@@ -23,29 +22,16 @@ from lit_imgcls.data.datasets import (
     load_unlabeled_folder,
     select_classes,
 )
-from lit_imgcls.data.mix import BatchMix, check_mix_options
-from lit_imgcls.data.semi import LabeledUnlabeledMixin, check_semi_options, class_balanced_split
+from lit_imgcls.data.pipeline import BatchPipeline, PipelineOptions, normalization_stats
+from lit_imgcls.data.protocol import DataRequest, data_request
+from lit_imgcls.data.semi import LabeledUnlabeledMixin, check_split_options, class_balanced_split, train_val_split
 from lit_imgcls.errors import ConfigError
 
 DATASETS = ("fashion_mnist", *TORCHVISION_DATASETS, "image_folder")
 
 
-def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std (0-1 scale) of uint8 images (N, C, H, W), in float64 chunks."""
-    total = torch.zeros(images.shape[1], dtype=torch.float64)
-    total_sq = torch.zeros_like(total)
-    for start in range(0, len(images), chunk):
-        x = images[start : start + chunk].to(torch.float64).div_(255)
-        total += x.sum(dim=(0, 2, 3))
-        total_sq += x.square().sum(dim=(0, 2, 3))
-    count = images.numel() / images.shape[1]
-    mean = total / count
-    std = (total_sq / count - mean.square()).clamp_min(1e-6).sqrt()
-    return mean.tolist(), std.tolist()
-
-
 class ImageDataModule(LabeledUnlabeledMixin, pl.LightningDataModule):
-    """Loads a dataset once as uint8 tensors and augments whole batches on the device.
+    """Loads a dataset once as uint8 tensors, splits it and serves loaders; its `pipeline` transforms the batches.
 
     Args:
         dataset: `fashion_mnist`, `mnist`, `cifar10`, `cifar100`, or `image_folder` (`data_dir/<class>/<image>`).
@@ -62,26 +48,6 @@ class ImageDataModule(LabeledUnlabeledMixin, pl.LightningDataModule):
         batch_size: training batch size per device.
         eval_batch_size: validation/test/predict batch size; default: `batch_size`.
         num_workers: DataLoader workers; 0 is fastest for in-memory tensors.
-        augment: training augmentation preset: `none`, `basic` (padded crop + flip), `standard` (affine, flip,
-            brightness/contrast, perspective), `randaugment`, `trivialaugment`, `strong` (flip, RandAugment,
-            random erasing). See `lit_imgcls.data.augment.build_train_augmentation`.
-        augment_ops: extra Kornia ops applied after the preset, e.g.
-            `[{class_path: kornia.augmentation.RandomRotation, init_args: {degrees: 15, p: 0.5}}]`.
-        crop_padding: `basic` preset: zero padding before the random crop.
-        hflip: `basic`, `standard`, `strong` presets: random horizontal flip.
-        randaugment_n: RandAugment layers (ops per image) for `randaugment` and `strong`.
-        randaugment_m: RandAugment maximum magnitude, 0..10 (timm's scale).
-        same_on_batch: presets draw one set of random parameters for the whole batch instead of per image.
-        cutmix_alpha: CutMix Beta(alpha, alpha) parameter; 0 turns CutMix off.
-        mixup_alpha: MixUp Beta(alpha, alpha) parameter; 0 turns MixUp off.
-        mix_prob: probability that a training image is mixed (CutMix or MixUp) with another of its batch.
-        switch_prob: when both are on, probability that a mixed image uses CutMix rather than MixUp.
-        mix_label_smoothing: smoothing folded into the soft training targets of the mix stage; with it set, leave
-            the model's `label_smoothing` at 0 (ImageClassifier refuses both).
-        weak_augment: preset of the weak (teacher) view of `transform_views`.
-        strong_augment: preset of the strong (student) view of `transform_views`.
-        mean: per-channel normalization mean (0-1 scale); default: computed from the whole training set.
-        std: per-channel normalization std; default: computed from the whole training set.
         download: fetch a missing built-in dataset with torchvision (needs internet).
         skip_corrupt: skip undecodable image files with a warning instead of stopping.
         split_seed: seed of the train/val split, of `train_subset` and of the labeled/unlabeled split.
@@ -90,13 +56,12 @@ class ImageDataModule(LabeledUnlabeledMixin, pl.LightningDataModule):
         labeled_fraction: like `labels_per_class`, with a class-balanced fraction of each class.
         unlabeled_dir: a folder of images (any layout) used as, or added to, the unlabeled set.
         unlabeled_batch_ratio: unlabeled batch size = round(unlabeled_batch_ratio * batch_size).
+        **pipeline: the augmentation, mix and normalisation options (`augment`, `augment_ops`, `crop_padding`,
+            `hflip`, `cutmix_alpha`, `mean`, ...): see `lit_imgcls.data.pipeline.PipelineOptions`.
 
-    Labeled and unlabeled data: without `labels_per_class`, `labeled_fraction` and `unlabeled_dir`, the unlabeled
-    set is the training split with its labels dropped. Unlabeled batches are `{"image": weak view, "image_strong":
-    strong view, "index": index into unlabeled_set}`, never with a "target". The training loader is chosen by the
-    task's `train_data` attribute: "labeled" (default), "unlabeled", or "combined" (a CombinedLoader in
-    max_size_cycle mode whose batches are `{"labeled": ..., "unlabeled": ...}`). A task with a true
-    `wants_clean_view` attribute also gets `image_clean` (normalized, not augmented) in labeled training batches.
+    Without `labels_per_class`, `labeled_fraction` and `unlabeled_dir`, the unlabeled set is the training split with
+    its labels dropped. The training loader and the views of training batches are the task's `DataRequest`, and a
+    task uses only the members of `TaskData` (both in `lit_imgcls.data.protocol`).
     """
 
     def __init__(
@@ -115,22 +80,6 @@ class ImageDataModule(LabeledUnlabeledMixin, pl.LightningDataModule):
         batch_size: int = 128,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        augment: str = "basic",
-        augment_ops: list[torch.nn.Module] | None = None,
-        crop_padding: int = 4,
-        hflip: bool = True,
-        randaugment_n: int = 2,
-        randaugment_m: int = 9,
-        same_on_batch: bool = False,
-        cutmix_alpha: float = 0.0,
-        mixup_alpha: float = 0.0,
-        mix_prob: float = 1.0,
-        switch_prob: float = 0.5,
-        mix_label_smoothing: float = 0.0,
-        weak_augment: str = "basic",
-        strong_augment: str = "strong",
-        mean: list[float] | None = None,
-        std: list[float] | None = None,
         download: bool = True,
         skip_corrupt: bool = False,
         split_seed: int = 42,
@@ -138,12 +87,13 @@ class ImageDataModule(LabeledUnlabeledMixin, pl.LightningDataModule):
         labeled_fraction: float | None = None,
         unlabeled_dir: str | None = None,
         unlabeled_batch_ratio: float = 1.0,
+        **pipeline: Any,
     ) -> None:
         super().__init__()
+        PipelineOptions.check_names(pipeline)
+        self.options = PipelineOptions(**pipeline)
         self.save_hyperparameters(ignore=["augment_ops"])
-        self.augment_ops = list(augment_ops or [])
-        if not 0.0 <= val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        self.save_hyperparameters({**self.options.hparams(), **self.hparams})  # the options left at their defaults too
         if channels not in (None, 1, 3):
             raise ConfigError(f"data.channels must be 1 or 3, got {channels}")
         for name, value in (("train_subset", train_subset), ("test_subset", test_subset)):
@@ -155,20 +105,14 @@ class ImageDataModule(LabeledUnlabeledMixin, pl.LightningDataModule):
         self.test_set: ImageTensors | None = None
         self.predict_set: ImageTensors | None = None
         self.train_indices = self.val_indices = torch.empty(0, dtype=torch.long)
-        for name, preset in (("augment", augment), ("weak_augment", weak_augment), ("strong_augment", strong_augment)):
-            if preset not in AUGMENT_PRESETS:
-                raise ConfigError(f"unknown data.{name} {preset!r}: choose one of {', '.join(AUGMENT_PRESETS)}")
-        check_ops(self.augment_ops)
-        check_mix_options(cutmix_alpha, mixup_alpha, mix_prob, switch_prob, mix_label_smoothing)
-        check_semi_options(labels_per_class, labeled_fraction, unlabeled_batch_ratio)
+        check_split_options(val_fraction, labels_per_class, labeled_fraction, unlabeled_batch_ratio)
         self.unlabeled_indices: torch.Tensor | None = None
         self._unlabeled_set: ImageTensors | None = None
         self.unlabeled_true_targets: torch.Tensor | None = None
         self.unlabeled_selection: torch.Tensor | None = None
-        self.train_augmentation: torch.nn.Module = torch.nn.Identity()
-        self.weak_augmentation: torch.nn.Module = torch.nn.Identity()
-        self.strong_augmentation: torch.nn.Module = torch.nn.Identity()
-        self.mix: BatchMix | None = None
+        self.mean: list[float] | None = None
+        self.std: list[float] | None = None
+        self._pipeline: BatchPipeline | None = None
 
     def _load(self, train: bool) -> ImageTensors:
         hp = self.hparams
@@ -214,7 +158,8 @@ class ImageDataModule(LabeledUnlabeledMixin, pl.LightningDataModule):
         if self.train_set is None:
             self.train_set = self._load(train=True)
             self._split()
-            self._build_augmentation()
+            self.mean, self.std = normalization_stats(self.options, self.train_set.images)
+            self._pipeline = BatchPipeline(self.options, self.image_shape, self.num_classes, self.mean, self.std)
             rank_zero_info(self.describe())
         if stage in ("test", "predict") and self.test_set is None and self._has_test_split():
             self.test_set = self._load(train=False)
@@ -227,24 +172,6 @@ class ImageDataModule(LabeledUnlabeledMixin, pl.LightningDataModule):
                 self.predict_set = ImageTensors(folder.images, None, self.classes, folder.sources)
             else:
                 self.predict_set = self.test_set
-
-    def build_augmentation(self, preset: str, extra_ops: bool = False) -> torch.nn.Module:
-        """A training pipeline of `preset` with this module's options (and `augment_ops` when `extra_ops`)."""
-        hp = self.hparams
-        ops = self.augment_ops if extra_ops else None
-        size = self.image_shape[1:]
-        options = (hp.crop_padding, hp.hflip, ops, hp.randaugment_n, hp.randaugment_m, hp.same_on_batch)
-        return build_train_augmentation(preset, size, *options)
-
-    def _build_augmentation(self) -> None:
-        hp = self.hparams
-        self.train_augmentation = self.build_augmentation(hp.augment, extra_ops=True)
-        self.weak_augmentation = self.build_augmentation(hp.weak_augment)
-        self.strong_augmentation = self.build_augmentation(hp.strong_augment)
-        if hp.cutmix_alpha > 0 or hp.mixup_alpha > 0 or hp.mix_label_smoothing > 0:
-            self.mix = BatchMix(
-                self.num_classes, hp.cutmix_alpha, hp.mixup_alpha, hp.mix_prob, hp.switch_prob, hp.mix_label_smoothing
-            )
 
     def _has_test_split(self) -> bool:
         return self.hparams.dataset != "image_folder" or self.hparams.test_dir is not None
@@ -262,29 +189,14 @@ class ImageDataModule(LabeledUnlabeledMixin, pl.LightningDataModule):
 
     def _split(self) -> None:
         hp = self.hparams
-        n = len(self.train_set)
-        n_val = hp.val_size if hp.val_size is not None else round(n * hp.val_fraction)
-        if not 0 <= n_val < n:
-            raise ConfigError(f"validation size {n_val} must be smaller than the {n} training images")
-        generator = torch.Generator().manual_seed(hp.split_seed)
-        permutation = torch.randperm(n, generator=generator)
-        self.val_indices = permutation[:n_val].sort().values
-        train = permutation[n_val:]
-        if hp.train_subset is not None:
-            if not 0 < hp.train_subset <= len(train):
-                raise ConfigError(f"data.train_subset={hp.train_subset} must be in 1..{len(train)}")
-            train = train[: hp.train_subset]
-        self.train_indices = train.sort().values
+        self.train_indices, self.val_indices = train_val_split(
+            len(self.train_set), hp.val_size, hp.val_fraction, hp.train_subset, hp.split_seed
+        )
         self.unlabeled_indices = None if hp.unlabeled_dir is not None else self.train_indices
         if hp.labels_per_class is not None or hp.labeled_fraction is not None:
             self.train_indices, self.unlabeled_indices = class_balanced_split(
                 self.train_set.targets, self.train_indices, hp.labels_per_class, hp.labeled_fraction, hp.split_seed
             )
-        mean, std = channel_stats(self.train_set.images) if hp.mean is None or hp.std is None else (None, None)
-        self.mean = list(hp.mean) if hp.mean is not None else mean
-        self.std = list(hp.std) if hp.std is not None else std
-        if len(self.mean) != self.image_shape[0] or len(self.std) != self.image_shape[0]:
-            raise ConfigError(f"data.mean/std need {self.image_shape[0]} values, one per channel")
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -298,6 +210,17 @@ class ImageDataModule(LabeledUnlabeledMixin, pl.LightningDataModule):
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the images the model receives."""
         return tuple(self._require_setup().images.shape[1:])
+
+    @property
+    def pipeline(self) -> BatchPipeline:
+        """The batch pipeline, built by `setup` from `options` and the training set's shape and statistics."""
+        self._require_setup()
+        return self._pipeline
+
+    @property
+    def mix_label_smoothing(self) -> float:
+        """Label smoothing the mix stage folds into the training targets."""
+        return self.options.mix_label_smoothing
 
     def _require_setup(self) -> ImageTensors:
         if self.train_set is None:
@@ -317,9 +240,15 @@ class ImageDataModule(LabeledUnlabeledMixin, pl.LightningDataModule):
             collate_fn=collate_batch,
         )
 
+    def request(self) -> DataRequest:
+        """The running task's `DataRequest` (labeled batches without a trainer or a request)."""
+        return data_request(self.trainer.lightning_module if self.trainer is not None else None)
+
     def train_dataloader(self) -> DataLoader | CombinedLoader:
-        """The loader the task's `train_data` asks for (see the class docstring)."""
-        train_data = self.train_data()
+        """The loader the task's `DataRequest.train_data` asks for."""
+        request = self.request()
+        self.pipeline.check(request)
+        train_data = request.train_data
         if train_data == "unlabeled":
             return self.unlabeled_dataloader(train=True)
         labeled = self._loader(TensorImageDataset(self.train_set, self.train_indices), train=True)
@@ -351,46 +280,17 @@ class ImageDataModule(LabeledUnlabeledMixin, pl.LightningDataModule):
         data = self.predict_set if stage == "predict" else self.test_set
         return data.source(index)
 
-    def transform_batch(self, batch: dict[str, Any], train: bool, clean_view: bool = False) -> dict[str, Any]:
-        """uint8 -> float, training augmentation and CutMix/MixUp (when `train`), normalization, on the batch's device.
-
-        With mixing or data.mix_label_smoothing on, training targets become distributions (N, K). With `clean_view`,
-        `image_clean` holds the normalized images before augmentation.
-        """
-        images = to_float(batch["image"])
-        out = dict(batch)
-        if clean_view:
-            out["image_clean"] = normalize(images, self.mean, self.std)
-        if train:
-            images = self.train_augmentation.to(images.device)(images)
-            if self.mix is not None and "target" in batch:
-                images, out["target"] = self.mix(images, batch["target"])
-        out["image"] = normalize(images, self.mean, self.std)
-        return out
-
-    def transform_views(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Two normalized views of unlabeled images: `image` (weak pipeline) and `image_strong` (strong pipeline)."""
-        images = to_float(batch["image"])
-        weak = self.weak_augmentation.to(images.device)(images)
-        strong = self.strong_augmentation.to(images.device)(images)
-        return {
-            **batch,
-            "image": normalize(weak, self.mean, self.std),
-            "image_strong": normalize(strong, self.mean, self.std),
-        }
+    def transform_batch(self, batch: dict[str, Any], train: bool) -> dict[str, Any]:
+        """A raw batch as the model sees it, on the batch's device: `pipeline.labeled_batch` when `train` (augmented,
+        mixed), else `pipeline.eval_batch` (float and normalised only)."""
+        return self.pipeline.labeled_batch(batch) if train else self.pipeline.eval_batch(batch)
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Training batches (not the sanity check) through the task's views, every other batch evaluation-only."""
         trainer = self.trainer
         if trainer is None or not trainer.training or trainer.sanity_checking:
-            return self.transform_batch(batch, train=False)
-        clean_view = bool(getattr(trainer.lightning_module, "wants_clean_view", False))
-        train_data = self.train_data()
-        if train_data == "labeled":
-            return self.transform_batch(batch, True, clean_view)
-        if train_data == "unlabeled":
-            return self.transform_views(batch)
-        labeled = self.transform_batch(batch["labeled"], True, clean_view)
-        return {"labeled": labeled, "unlabeled": self.transform_views(batch["unlabeled"])}
+            return self.pipeline.eval_batch(batch)
+        return self.pipeline.train_batch(batch, self.request())
 
     def describe(self) -> str:
         """One line for logs: dataset, split sizes, image shape."""

@@ -35,12 +35,12 @@ def datamodule_from_config(path: str) -> ImageDataModule:
 def preview_rows(dm: ImageDataModule, n: int) -> torch.Tensor:
     """(4 * n, C, H, W) in [0, 1]: originals, augmented, CutMix, MixUp."""
     dm.setup("fit")
-    hp = dm.hparams
+    options = dm.options
     images = to_float(dm.train_set.images[dm.train_indices[:n]])
     labels = dm.train_set.targets[dm.train_indices[:n]]
-    augmented = dm.train_augmentation(images)
-    cutmix = BatchMix(dm.num_classes, cutmix_alpha=hp.cutmix_alpha or 1.0)(augmented, labels)[0]
-    mixup = BatchMix(dm.num_classes, mixup_alpha=hp.mixup_alpha or 1.0)(augmented, labels)[0]
+    augmented = dm.pipeline.train_augmentation(images)
+    cutmix = BatchMix(dm.num_classes, cutmix_alpha=options.cutmix_alpha or 1.0)(augmented, labels)[0]
+    mixup = BatchMix(dm.num_classes, mixup_alpha=options.mixup_alpha or 1.0)(augmented, labels)[0]
     return torch.cat([images, augmented, cutmix, mixup])
 
 

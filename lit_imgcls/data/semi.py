@@ -1,8 +1,8 @@
-"""Labeled / unlabeled splits for distillation and noisy student.
+"""Splits of the training file: validation, training subset, and labeled / unlabeled for semi-supervised tasks.
 
-The training split (after the validation split and `train_subset`) is divided class-balanced into a labeled part
-and an unlabeled part whose labels are hidden; an unlabeled image folder can be added. Which training loader a
-fit uses is chosen by the task's `train_data` attribute, one of `TRAIN_DATA`.
+The training split (after the validation split and `train_subset`) can be divided class-balanced into a labeled
+part and an unlabeled part whose labels are hidden; an unlabeled image folder can be added. Which training loader
+a fit uses is the task's `DataRequest` (`lit_imgcls.data.protocol`).
 """
 
 from __future__ import annotations
@@ -13,14 +13,32 @@ from torch.utils.data import DataLoader
 from lit_imgcls.data.datasets import ImageTensors, TensorImageDataset, load_unlabeled_folder
 from lit_imgcls.errors import ConfigError
 
-TRAIN_DATA = ("labeled", "unlabeled", "combined")
 UNKNOWN_TARGET = -1  # `unlabeled_true_targets` of images whose label nobody knows (an unlabeled folder)
 
 
-def check_semi_options(
-    labels_per_class: int | None, labeled_fraction: float | None, unlabeled_batch_ratio: float
+def train_val_split(
+    n: int, val_size: int | None, val_fraction: float, train_subset: int | None, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted (train, val) indices of `n` images: `val_size` (or `val_fraction` of n) validation images drawn with
+    `seed`, the training part cut to its first `train_subset` of the same permutation."""
+    n_val = val_size if val_size is not None else round(n * val_fraction)
+    if not 0 <= n_val < n:
+        raise ConfigError(f"validation size {n_val} must be smaller than the {n} training images")
+    permutation = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    train = permutation[n_val:]
+    if train_subset is not None:
+        if not 0 < train_subset <= len(train):
+            raise ConfigError(f"data.train_subset={train_subset} must be in 1..{len(train)}")
+        train = train[:train_subset]
+    return train.sort().values, permutation[:n_val].sort().values
+
+
+def check_split_options(
+    val_fraction: float, labels_per_class: int | None, labeled_fraction: float | None, unlabeled_batch_ratio: float
 ) -> None:
-    """ConfigError for contradictory or out-of-range labeled/unlabeled options."""
+    """ConfigError for contradictory or out-of-range validation and labeled/unlabeled options."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
     if labels_per_class is not None and labeled_fraction is not None:
         raise ConfigError("data.labels_per_class and data.labeled_fraction both set: keep one of them")
     if labels_per_class is not None and labels_per_class < 1:
@@ -94,15 +112,7 @@ def build_unlabeled_set(
 
 
 class LabeledUnlabeledMixin:
-    """The unlabeled side of `ImageDataModule`: the unlabeled set, its loaders and the task's choice of data."""
-
-    def train_data(self) -> str:
-        """The training data the running task asks for (its `train_data` attribute): one of `TRAIN_DATA`."""
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        train_data = getattr(module, "train_data", "labeled")
-        if train_data not in TRAIN_DATA:
-            raise ConfigError(f"train_data={train_data!r}: choose one of {', '.join(TRAIN_DATA)}")
-        return train_data
+    """The unlabeled side of `ImageDataModule`: the unlabeled set and its loaders."""
 
     @property
     def unlabeled_set(self) -> ImageTensors:

@@ -164,7 +164,7 @@ class ImageClassifier(pl.LightningModule):
                 f"({', '.join(datamodule.classes[:10])}{', ...' if datamodule.num_classes > 10 else ''}): "
                 f"set --model.init_args.num_classes={datamodule.num_classes}"
             )
-        data_smoothing = getattr(datamodule, "hparams", {}).get("mix_label_smoothing", 0.0)
+        data_smoothing = getattr(datamodule, "mix_label_smoothing", 0.0)
         if data_smoothing > 0 and hp.label_smoothing > 0:
             raise ConfigError(
                 f"label smoothing is set twice (data.mix_label_smoothing={data_smoothing}, "

@@ -11,13 +11,14 @@ import torch
 from torch import nn
 
 from lit_imgcls.checkpoint_io import read_checkpoint
+from lit_imgcls.data.protocol import DataRequest, TrainData
 from lit_imgcls.errors import ConfigError, UserError
 from lit_imgcls.losses import distillation_loss, kd_kl_divergence
 from lit_imgcls.models import create_model
 from lit_imgcls.tasks.checkpoints import load_task_network
 from lit_imgcls.tasks.classifier import ImageClassifier
 
-TRAIN_DATA = {"labeled": "labeled", "unlabeled": "unlabeled", "semi": "combined"}
+METHOD_DATA: dict[str, TrainData] = {"labeled": "labeled", "unlabeled": "unlabeled", "semi": "combined"}
 IMAGE_CLASSIFIER = f"{ImageClassifier.__module__.rsplit('.', 1)[0]}.{ImageClassifier.__name__}"
 
 
@@ -80,8 +81,8 @@ class DistillationModule(ImageClassifier):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if method not in TRAIN_DATA:
-            raise ConfigError(f"unknown method {method!r}: choose one of {', '.join(TRAIN_DATA)}")
+        if method not in METHOD_DATA:
+            raise ConfigError(f"unknown method {method!r}: choose one of {', '.join(METHOD_DATA)}")
         if teacher_view not in ("same", "clean"):
             raise ConfigError(f"unknown teacher_view {teacher_view!r}: choose same or clean")
         if temperature <= 0 or not 0.0 <= alpha <= 1.0 or unlabeled_weight < 0:
@@ -89,8 +90,9 @@ class DistillationModule(ImageClassifier):
                 f"need temperature > 0, alpha in [0, 1], unlabeled_weight >= 0; got temperature={temperature}, "
                 f"alpha={alpha}, unlabeled_weight={unlabeled_weight}"
             )
-        self.train_data = TRAIN_DATA[method]
-        self.wants_clean_view = teacher_view == "clean" and method != "unlabeled"
+        self.data_request = DataRequest(
+            METHOD_DATA[method], clean_view=teacher_view == "clean" and method != "unlabeled"
+        )
         self.teacher: nn.Module | None = None
 
     def setup(self, stage: str) -> None:
@@ -106,7 +108,7 @@ class DistillationModule(ImageClassifier):
             self.check_teacher(getattr(self.trainer, "datamodule", None))
 
     def check_teacher(self, datamodule: Any) -> None:
-        """ConfigError when the teacher's classes or input channels disagree with the data, or the view can't exist."""
+        """ConfigError when the teacher's classes or input channels disagree with the data."""
         if datamodule is None or not hasattr(datamodule, "image_shape"):
             return
         try:
@@ -120,10 +122,6 @@ class DistillationModule(ImageClassifier):
             raise ConfigError(
                 f"the teacher {self.hparams.teacher} predicts {out.shape[-1]} classes but the dataset has "
                 f"{datamodule.num_classes}: distill from a teacher trained on the same classes"
-            )
-        if self.wants_clean_view and getattr(datamodule, "mix", None) is not None:
-            raise ConfigError(
-                "teacher_view=clean with CutMix/MixUp: the clean view is not mixed, use teacher_view=same"
             )
 
     def train(self, mode: bool = True) -> DistillationModule:
@@ -143,12 +141,12 @@ class DistillationModule(ImageClassifier):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         hp = self.hparams
-        labeled = batch if self.train_data == "labeled" else batch.get("labeled")
-        unlabeled = batch if self.train_data == "unlabeled" else batch.get("unlabeled")
+        labeled = batch if self.data_request.train_data == "labeled" else batch.get("labeled")
+        unlabeled = batch if self.data_request.train_data == "unlabeled" else batch.get("unlabeled")
         loss = torch.zeros((), device=self.device)
         if labeled is not None:
             logits = self(labeled["image"])
-            teacher = self.teacher_logits(labeled["image_clean" if self.wants_clean_view else "image"])
+            teacher = self.teacher_logits(labeled["image_clean" if self.data_request.clean_view else "image"])
             smoothing = hp.label_smoothing
             loss = distillation_loss(logits, teacher, labeled["target"], hp.temperature, hp.alpha, smoothing)
             self.update_metrics("train", logits, labeled["target"], loss)
@@ -165,7 +163,7 @@ class DistillationModule(ImageClassifier):
         return loss
 
     def on_train_epoch_end(self) -> None:
-        if self.train_data == "unlabeled":  # no labels: the epoch's KL only, no accuracy
+        if self.data_request.train_data == "unlabeled":  # no labels: the epoch's KL only, no accuracy
             self.log("train/loss", self.train_loss)
         else:
             super().on_train_epoch_end()

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from lit_imgcls.data.protocol import DataRequest
 from lit_imgcls.errors import ConfigError
 from lit_imgcls.pseudo_labels import PseudoLabels, select_pseudo_labels
 from lit_imgcls.tasks.checkpoints import load_task_network
@@ -24,7 +25,7 @@ PSEUDO_LABEL_FILE = "pseudo_labels.pt"
 
 
 class NoisyStudent(ImageClassifier):
-    """A student trained from scratch on labeled + teacher-pseudo-labeled data (`train_data = "combined"`).
+    """A student trained from scratch on labeled + teacher-pseudo-labeled data (`DataRequest("combined")`).
 
     Loss per step: CE(student(labeled), labels) + unlabeled_weight * CE(student(strong unlabeled view), pseudo-labels),
     both views in one forward pass (BatchNorm sees both, as in the official code). The unlabeled batch size is
@@ -44,7 +45,7 @@ class NoisyStudent(ImageClassifier):
             (stochastic depth, timm models) and `data.strong_augment`.
     """
 
-    train_data = "combined"
+    data_request = DataRequest("combined")
 
     def __init__(
         self,
