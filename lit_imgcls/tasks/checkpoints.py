@@ -9,6 +9,8 @@ from torch import nn
 
 from lit_imgcls.checkpoint_io import read_checkpoint
 from lit_imgcls.errors import ConfigError
+from lit_imgcls.tasks.base import task_options
+from lit_imgcls.tasks.classifier import ImageClassifier
 
 __all__ = ["load_task", "load_task_network", "read_checkpoint"]
 
@@ -23,9 +25,6 @@ def load_task(checkpoint: str | Path) -> pl.LightningModule:
     hparams = raw.get("hyper_parameters", {})
     if "_class_path" in hparams:
         return pl.LightningModule.load_from_checkpoint(checkpoint, map_location="cpu")
-    from lit_imgcls.tasks.base import task_options
-    from lit_imgcls.tasks.classifier import ImageClassifier
-
     keep = task_options(ImageClassifier)
     module = ImageClassifier(**{key: value for key, value in hparams.items() if key in keep})
     module.on_load_checkpoint(raw)

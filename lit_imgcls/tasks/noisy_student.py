@@ -43,7 +43,6 @@ class NoisyStudent(ClassificationTask):
         per_class: balance the pseudo-labeled set to this many images per predicted class (duplicate or drop,
             as the official code does); None keeps every image that passes the threshold.
         unlabeled_weight: weight of the pseudo-label term.
-        label_batch_size: teacher batch size while labeling; default: the data's eval batch size.
         **kwargs: the student: the network and training options every task shares (`ClassificationTask`); noise
             it with `drop_rate`, `drop_path_rate` (stochastic depth, timm models) and `data.strong_augment`.
     """
