@@ -205,3 +205,5 @@ def test_configs_instantiate(config, tmp_path, monkeypatch):
     if expected is NoisyStudent:
         assert cli.model.train_data == "combined"
         assert cli.model.hparams.teacher.endswith("generation_0.ckpt")
+        recorded = set(cli.model.hparams) - {"_class_path", "_instantiator"}
+        assert recorded == task_options(NoisyStudent) - {"optimizer", "lr_scheduler"}  # no fine-tuning option
