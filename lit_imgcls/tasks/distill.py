@@ -97,6 +97,7 @@ class DistillationModule(ClassificationTask):
         self.teacher.place(self.device, self.dtype)
 
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen teacher's logits on `images`, without gradients."""
         return self.teacher(images)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
