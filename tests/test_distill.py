@@ -1,5 +1,6 @@
 """DistillationModule: a frozen teacher, the three methods, checkpoints usable without the teacher, DDP."""
 
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -7,10 +8,13 @@ import pytest
 import torch
 import yaml
 
+from lit_imgcls.cli import main
 from lit_imgcls.data import ImageDataModule
 from lit_imgcls.errors import ConfigError
 from lit_imgcls.tasks import DistillationModule, ImageClassifier, export_student
-from lit_imgcls.tasks.checkpoints import read_checkpoint
+from lit_imgcls.tasks.base import task_options
+from lit_imgcls.tasks.checkpoints import load_task, read_checkpoint
+from lit_imgcls.tasks.classifier import FINETUNE_OPTIONS
 from tests.conftest import QUIET, REPO, needs_fashion_mnist, quiet_trainer, run_cli
 from tests.test_cli import read_metrics
 
@@ -46,7 +50,8 @@ class Watch(pl.Callback):
         self.batches = 0
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        assert not module.teacher.training and not any(m.training for m in module.teacher.modules())
+        teacher = module.teacher.net
+        assert not teacher.training and not any(m.training for m in teacher.modules())
         assert module.net.training
         self.batches += 1
 
@@ -66,11 +71,13 @@ def test_teacher_is_frozen_in_eval_and_untouched_by_a_fit(teacher_ckpt, method, 
     trainer.fit(module, datamodule=ImageDataModule(labels_per_class=10, **SMALL))
 
     assert watch.batches == 3
-    after = module.teacher.state_dict()
+    after = module.teacher.net.state_dict()
     assert after.keys() == teacher_state.keys() and any("running_mean" in k for k in after)
     for key, value in teacher_state.items():  # weights and BatchNorm running statistics, bit for bit
         assert torch.equal(after[key], value), key
-    assert all(p.grad is None and not p.requires_grad for p in module.teacher.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in module.teacher.net.parameters())
+    assert not any(k.startswith("teacher") for k in module.state_dict())  # no part of the student's checkpoints
+    assert {id(p) for p in module.parameters()}.isdisjoint(id(p) for p in module.teacher.net.parameters())
     assert any(not torch.equal(v, student_before[k]) for k, v in module.net.state_dict().items())
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert optimized == {id(p) for p in module.net.parameters()}
@@ -107,11 +114,11 @@ def test_student_checkpoint_loads_without_the_teacher(teacher_ckpt, tmp_path):
     images = torch.randn(4, 1, 28, 28)
     expected = module.eval().net(images)
     for loaded in (
-        ImageClassifier.load_from_checkpoint(path),  # a plain classifier: extra hyperparameters are dropped
+        load_task(path),  # no class path (written from Python): its student, as a plain classifier
         DistillationModule.load_from_checkpoint(path),  # the teacher is only built for fit
         ImageClassifier.load_from_checkpoint(export_student(path, tmp_path / "exported.ckpt")),
     ):
-        assert getattr(loaded, "teacher", None) is None
+        assert getattr(getattr(loaded, "teacher", None), "net", None) is None
         torch.testing.assert_close(loaded.eval()(images), expected)
     exported = read_checkpoint(tmp_path / "exported.ckpt")
     assert "teacher" not in exported["hyper_parameters"] and all(k.startswith("net.") for k in exported["state_dict"])
@@ -135,10 +142,80 @@ def test_teacher_from_create_model_and_a_weights_file(teacher_ckpt, tmp_path):
     module = DistillationModule(teacher=str(tmp_path / "weights.pt"), teacher_model="lenet5")
     quiet_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0).fit(module, ImageDataModule(**SMALL))
     for key, value in net.state_dict().items():
-        assert torch.equal(module.teacher.state_dict()[key], value)
+        assert torch.equal(module.teacher.net.state_dict()[key], value)
     with pytest.raises(ConfigError, match="do not fit teacher_model='cnn4'"):
         wrong = DistillationModule(teacher=str(tmp_path / "weights.pt"), teacher_model="cnn4")
         quiet_trainer(max_epochs=1, limit_train_batches=1).fit(wrong, ImageDataModule(**SMALL))
+
+
+def kl_by_hand(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
+    """T^2 * batch mean of sum_k p_k (log p_k - log q_k), p = softmax(teacher / T), q = softmax(student / T)."""
+    p = torch.softmax(teacher / t, dim=1)
+    return t * t * (p * (p.log() - torch.log_softmax(student / t, dim=1))).sum(dim=1).mean()
+
+
+def test_semi_logs_each_term_and_a_total_that_includes_the_unlabeled_one(teacher_ckpt):
+    """One `semi` step: train/loss = (1 - alpha) CE + alpha KD(labeled) + unlabeled_weight KD(unlabeled), by hand."""
+    alpha, t, weight = 0.7, 3.0, 0.5
+    module = DistillationModule(str(teacher_ckpt), method="semi", alpha=alpha, temperature=t, unlabeled_weight=weight)
+    student, teacher, batches = [], [], []
+    module.net.register_forward_hook(lambda net, inputs, out: student.append(out.detach()))
+    teacher_logits = module.teacher_logits
+    module.teacher_logits = lambda images: teacher.append(teacher_logits(images)) or teacher[-1]
+    module.on_train_batch_start = lambda batch, batch_idx: batches.append(batch)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(module, datamodule=ImageDataModule(labels_per_class=10, **SMALL))
+
+    (batch,) = batches
+    target = batch["labeled"]["target"]
+    ce = torch.nn.functional.cross_entropy(student[0], target)
+    kd, kd_unlabeled = kl_by_hand(student[0], teacher[0], t), kl_by_hand(student[1], teacher[1], t)
+    logged = trainer.callback_metrics
+    torch.testing.assert_close(logged["train/ce"], ce)
+    torch.testing.assert_close(logged["train/kd"], kd)
+    torch.testing.assert_close(logged["train/kd_unlabeled"], kd_unlabeled)
+    torch.testing.assert_close(logged["train/loss"], (1 - alpha) * ce + alpha * kd + weight * kd_unlabeled)
+    assert not torch.isclose(logged["train/loss"], (1 - alpha) * ce + alpha * kd, rtol=1e-4)
+
+
+def test_unlabeled_logs_the_kd_term_as_the_loss_and_no_accuracy(teacher_ckpt):
+    module = DistillationModule(str(teacher_ckpt), method="unlabeled")
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0)
+    trainer.fit(module, datamodule=ImageDataModule(labels_per_class=10, **SMALL))
+    logged = trainer.callback_metrics
+    torch.testing.assert_close(logged["train/loss"], logged["train/kd"])
+    assert not {"train/ce", "train/kd_unlabeled", "train/acc"} & logged.keys()
+
+
+def test_fine_tuning_options_are_not_distillation_options():
+    assert not set(FINETUNE_OPTIONS) & task_options(DistillationModule)
+    assert {"teacher", "alpha", "model", "drop_rate", "channels_last"} <= task_options(DistillationModule)
+    with pytest.raises(ConfigError, match=r"DistillationModule takes no finetune \(got 'full'\): only ImageClassifier"):
+        DistillationModule(teacher="t.ckpt", finetune="full")
+    old = DistillationModule(teacher="t.ckpt", finetune="none", head=None)  # older checkpoints carry the defaults
+    assert "finetune" not in old.hparams and not hasattr(old, "finetuner")
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs" / "distill").glob("*.yaml")), ids=lambda p: p.stem)
+def test_configs_print_only_their_own_options(config, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lit-imgcls"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert not exit_info.value.code
+    model = yaml.safe_load(capsys.readouterr().out).get("model") or {"init_args": {}}
+    options = set(model["init_args"])
+    if model.get("class_path", "").endswith("DistillationModule"):
+        assert options == task_options(DistillationModule)
+    assert bool(options & set(FINETUNE_OPTIONS)) == model.get("class_path", "").endswith("ImageClassifier")
+
+
+def test_model_help_lists_no_fine_tuning_option(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lit-imgcls"])
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", "DistillationModule"])
+    shown = capsys.readouterr().out
+    assert "--model.teacher " in shown and "--model.drop_rate " in shown
+    assert not [name for name in FINETUNE_OPTIONS if f"--model.{name}" in shown]
 
 
 def test_bad_options_raise_config_errors():

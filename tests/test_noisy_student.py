@@ -8,10 +8,12 @@ import torch
 
 from lit_imgcls.data import ImageDataModule
 from lit_imgcls.data.augment import normalize, to_float
-from lit_imgcls.errors import UserError
+from lit_imgcls.errors import ConfigError, UserError
 from lit_imgcls.noisy_student_run import build_cli, run_generations
 from lit_imgcls.tasks import ImageClassifier, NoisyStudent
+from lit_imgcls.tasks.base import task_options
 from lit_imgcls.tasks.checkpoints import load_task_network, read_checkpoint
+from lit_imgcls.tasks.classifier import FINETUNE_OPTIONS
 from lit_imgcls.tasks.noisy_student import PSEUDO_LABEL_FILE
 from tests.conftest import QUIET, REPO, needs_fashion_mnist, quiet_trainer, run_cli
 
@@ -87,6 +89,41 @@ def test_frozen_teacher_labels_the_clean_view_and_the_student_sees_the_strong_on
         expected = teacher_net(clean).argmax(-1)
     assert saved["kept"] == len(clean) == saved["summary"]["unlabeled"]
     assert torch.equal(saved["targets"], expected[saved["indices"]])
+
+
+def test_logs_the_labeled_and_pseudo_label_terms_and_their_sum(teacher_checkpoint, tmp_path):
+    """One step: train/ce on the labeled images, train/pseudo on the strong views against the pseudo-labels,
+    train/loss = ce + unlabeled_weight * pseudo, each recomputed by hand from the logits of the one forward pass."""
+    weight, outputs, batches = 0.5, [], []
+    student = NoisyStudent(str(teacher_checkpoint), hard_labels=True, unlabeled_weight=weight)
+    student.net.register_forward_hook(lambda net, inputs, out: net.training and outputs.append(out.detach()))
+    student.on_train_batch_start = lambda batch, batch_idx: batches.append(batch)
+    trainer = quiet_trainer(default_root_dir=tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(student, tiny_data())
+
+    (logits,), (batch,) = outputs, batches
+    n = len(batch["labeled"]["image"])
+    saved = torch.load(tmp_path / PSEUDO_LABEL_FILE)
+    row = {int(i): j for j, i in enumerate(saved["indices"])}  # hard labels, every image kept: one row each
+    pseudo_targets = saved["targets"][[row[int(i)] for i in batch["unlabeled"]["index"]]]
+    ce = torch.nn.functional.cross_entropy(logits[:n], batch["labeled"]["target"])
+    pseudo = torch.nn.functional.cross_entropy(logits[n:], pseudo_targets.to(logits.device))
+    logged = trainer.callback_metrics
+    torch.testing.assert_close(logged["train/ce"], ce)
+    torch.testing.assert_close(logged["train/pseudo"], pseudo)
+    torch.testing.assert_close(logged["train/loss"], ce + weight * pseudo)
+
+
+def test_only_its_own_options_and_the_shared_teacher_checks(teacher_checkpoint, tmp_path):
+    options = task_options(NoisyStudent)
+    assert {"teacher", "per_class", "drop_rate", "drop_path_rate"} <= options
+    assert not options & set(FINETUNE_OPTIONS)
+    with pytest.raises(ConfigError, match="NoisyStudent takes no pretrained_checkpoint"):
+        NoisyStudent(str(teacher_checkpoint), pretrained_checkpoint=str(teacher_checkpoint))
+    student = NoisyStudent(str(teacher_checkpoint), num_classes=5)
+    data = tiny_data(classes=[0, 1, 2, 3, 4])
+    with pytest.raises(ConfigError, match="predicts 10 classes but the dataset has 5"):
+        quiet_trainer(default_root_dir=tmp_path, max_epochs=1, limit_train_batches=1).fit(student, data)
 
 
 def test_threshold_that_keeps_nothing_is_a_clear_error(teacher_checkpoint, tmp_path):
@@ -168,3 +205,5 @@ def test_configs_instantiate(config, tmp_path, monkeypatch):
     if expected is NoisyStudent:
         assert cli.model.data_request.train_data == "combined"
         assert cli.model.hparams.teacher.endswith("generation_0.ckpt")
+        recorded = set(cli.model.hparams) - {"_class_path", "_instantiator"}
+        assert recorded == task_options(NoisyStudent) - {"optimizer", "lr_scheduler"}  # no fine-tuning option

@@ -2,50 +2,33 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import nn
 
 from lit_imgcls.checkpoint_io import read_checkpoint
 from lit_imgcls.data.protocol import DataRequest, TrainData
 from lit_imgcls.errors import ConfigError, UserError
-from lit_imgcls.losses import distillation_loss, kd_kl_divergence
-from lit_imgcls.models import create_model
-from lit_imgcls.tasks.checkpoints import load_task_network
-from lit_imgcls.tasks.classifier import ImageClassifier
+from lit_imgcls.losses import kd_kl_divergence
+from lit_imgcls.tasks.base import ClassificationTask, task_options
+from lit_imgcls.tasks.classifier import ImageClassifier, drop_finetune_options
+from lit_imgcls.tasks.teacher import FrozenTeacher
 
 METHOD_DATA: dict[str, TrainData] = {"labeled": "labeled", "unlabeled": "unlabeled", "semi": "combined"}
+LIGHTNING_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 IMAGE_CLASSIFIER = f"{ImageClassifier.__module__.rsplit('.', 1)[0]}.{ImageClassifier.__name__}"
 
 
-def build_teacher(
-    checkpoint: str, model: str | None = None, num_classes: int = 10, in_chans: int = 1, **model_kwargs: Any
-) -> nn.Module:
-    """The teacher network: the `net` of a checkpoint of any task of this project, or `create_model(model, ...)`
-    with the weights in `checkpoint` (a state dict, bare or under "state_dict", keys optionally prefixed "net.")."""
-    if model is None:
-        return load_task_network(checkpoint)
-    net = create_model(model, num_classes, in_chans, **model_kwargs)
-    state = read_checkpoint(checkpoint)
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if any(key.startswith("net.") for key in state):
-        state = {key[4:]: value for key, value in state.items() if key.startswith("net.")}
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as error:
-        raise ConfigError(f"the weights in {checkpoint} do not fit teacher_model={model!r}: {error}") from error
-    return net
+class DistillationModule(ClassificationTask):
+    """Knowledge distillation (Hinton et al. 2015) from a frozen teacher (`FrozenTeacher`) into the student `net`.
 
-
-class DistillationModule(ImageClassifier):
-    """Knowledge distillation (Hinton et al. 2015) from a frozen teacher into the student `net`.
-
-    The loss is `lit_imgcls.losses.distillation_loss`: (1 - alpha) * CE + alpha * T^2 * KL(teacher || student)
-    on labeled batches; unlabeled batches give the KL term only (times `unlabeled_weight` in `semi`).
+    The loss, as in `lit_imgcls.losses.distillation_loss`, on labeled batches:
+        loss = (1 - alpha) * CE(student, target) + alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T))
+    `unlabeled`: the KL term alone on unlabeled batches. `semi`: the labeled loss + unlabeled_weight * the KL term
+    of the unlabeled batch. Logged per epoch: `train/loss` (the whole loss), `train/ce`, `train/kd` (labeled
+    batches; the unlabeled ones in `unlabeled`) and, in `semi`, `train/kd_unlabeled`, each unweighted.
 
     Args:
         teacher: checkpoint of any task of this project (ImageClassifier, a previous student, ...), or a weights
@@ -62,10 +45,11 @@ class DistillationModule(ImageClassifier):
             `clean`: labeled batches give the teacher the un-augmented image, unlabeled batches the weak view
             (`data.weak_augment`; `none` makes it clean). On unlabeled batches the student sees the strong view
             (`data.strong_augment`).
-        **kwargs: the student: every `ImageClassifier` argument (model, drop_rate, optimizer, ...).
+        **kwargs: the student: the network and training options every task shares (`ClassificationTask`: model,
+            num_classes, in_chans, drop_rate, label_smoothing, optimizer, channels_last, ...).
 
-    The teacher is built in `setup("fit")`, frozen, kept in eval mode and out of the optimizer and of checkpoints:
-    a student checkpoint loads without the teacher, also as a plain `ImageClassifier` (see `export_student`).
+    The teacher is built in `setup("fit")` and is no part of the student: a student checkpoint loads without it
+    (see `export_student` for a plain `ImageClassifier` checkpoint).
     """
 
     def __init__(
@@ -80,6 +64,7 @@ class DistillationModule(ImageClassifier):
         teacher_view: Literal["same", "clean"] = "same",
         **kwargs: Any,
     ) -> None:
+        drop_finetune_options(kwargs, type(self).__name__)
         super().__init__(**kwargs)
         if method not in METHOD_DATA:
             raise ConfigError(f"unknown method {method!r}: choose one of {', '.join(METHOD_DATA)}")
@@ -90,101 +75,61 @@ class DistillationModule(ImageClassifier):
                 f"need temperature > 0, alpha in [0, 1], unlabeled_weight >= 0; got temperature={temperature}, "
                 f"alpha={alpha}, unlabeled_weight={unlabeled_weight}"
             )
+        self.temperature, self.alpha, self.unlabeled_weight = temperature, alpha, unlabeled_weight
+        self.teacher_view = teacher_view
         self.data_request = DataRequest(
             METHOD_DATA[method], clean_view=teacher_view == "clean" and method != "unlabeled"
         )
-        self.teacher: nn.Module | None = None
+        self.teacher = FrozenTeacher(teacher, teacher_model, teacher_model_kwargs)
+        self.track_loss_terms("ce", "kd", "kd_unlabeled")
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if stage == "fit" and self.teacher is None:
-            hp = self.hparams
-            kwargs = hp.teacher_model_kwargs or {}
-            with torch.random.fork_rng(devices=[]):  # building it must not shift the student's random stream
-                teacher = build_teacher(hp.teacher, hp.teacher_model, hp.num_classes, hp.in_chans, **kwargs)
-            if hp.channels_last:
-                teacher.to(memory_format=torch.channels_last)
-            self.teacher = teacher.requires_grad_(False).eval()
-            self.check_teacher(getattr(self.trainer, "datamodule", None))
+        if stage == "fit":
+            datamodule = getattr(self.trainer, "datamodule", None)
+            self.teacher.load(self.num_classes, self.in_chans, self.channels_last)
+            self.teacher.check(datamodule)
 
-    def check_teacher(self, datamodule: Any) -> None:
-        """ConfigError when the teacher's classes or input channels disagree with the data."""
-        if datamodule is None or not hasattr(datamodule, "image_shape"):
-            return
-        try:
-            with torch.no_grad():
-                out = self.teacher(torch.zeros(2, *datamodule.image_shape))
-        except RuntimeError as error:
-            raise ConfigError(
-                f"the teacher {self.hparams.teacher} cannot take the data's {datamodule.image_shape} images ({error})"
-            ) from error
-        if out.shape[-1] != datamodule.num_classes:
-            raise ConfigError(
-                f"the teacher {self.hparams.teacher} predicts {out.shape[-1]} classes but the dataset has "
-                f"{datamodule.num_classes}: distill from a teacher trained on the same classes"
-            )
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.teacher.place(self.device, self.dtype)
 
-    def train(self, mode: bool = True) -> DistillationModule:
-        """Lightning puts every submodule in train mode: keep the teacher in eval (BatchNorm stats, dropout)."""
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """The student's parameters only."""
-        return [p for p in self.net.parameters() if p.requires_grad]
-
-    @torch.no_grad()
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen teacher's logits on `images`, without gradients."""
         return self.teacher(images)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        hp = self.hparams
-        labeled = batch if self.data_request.train_data == "labeled" else batch.get("labeled")
-        unlabeled = batch if self.data_request.train_data == "unlabeled" else batch.get("unlabeled")
+        train_data = self.data_request.train_data
+        labeled = batch if train_data == "labeled" else batch.get("labeled")
+        unlabeled = batch if train_data == "unlabeled" else batch.get("unlabeled")
         loss = torch.zeros((), device=self.device)
         if labeled is not None:
             logits = self(labeled["image"])
             teacher = self.teacher_logits(labeled["image_clean" if self.data_request.clean_view else "image"])
-            smoothing = hp.label_smoothing
-            loss = distillation_loss(logits, teacher, labeled["target"], hp.temperature, hp.alpha, smoothing)
-            self.update_metrics("train", logits, labeled["target"], loss)
+            ce = self.compute_loss(logits, labeled["target"])
+            kd = kd_kl_divergence(logits, teacher, self.temperature)
+            loss = (1 - self.alpha) * ce + self.alpha * kd
+            self.update_loss_terms(len(logits), ce=ce, kd=kd)
         if unlabeled is not None:
             student = self(unlabeled["image_strong"])
-            teacher = self.teacher_logits(unlabeled["image" if hp.teacher_view == "clean" else "image_strong"])
-            kd = kd_kl_divergence(student, teacher, hp.temperature)
+            teacher = self.teacher_logits(unlabeled["image" if self.teacher_view == "clean" else "image_strong"])
+            kd = kd_kl_divergence(student, teacher, self.temperature)
             if labeled is None:
                 loss = kd
+                self.update_loss_terms(len(student), kd=kd)
                 self.train_loss.update(kd.detach(), weight=len(student))
             else:
-                loss = loss + hp.unlabeled_weight * kd
+                loss = loss + self.unlabeled_weight * kd
+                self.update_loss_terms(len(student), kd_unlabeled=kd)
+        if labeled is not None:  # the whole loss, the unlabeled term included
+            self.update_metrics("train", logits, labeled["target"], loss)
         self.log_step_loss(loss, len((labeled or unlabeled)["image"]))
         return loss
-
-    def on_train_epoch_end(self) -> None:
-        if self.data_request.train_data == "unlabeled":  # no labels: the epoch's KL only, no accuracy
-            self.log("train/loss", self.train_loss)
-        else:
-            super().on_train_epoch_end()
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the teacher out: it is rebuilt from `teacher` when a fit resumes."""
-        super().on_save_checkpoint(checkpoint)
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("teacher.")]:
-            del state[key]
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Resuming a fit (teacher already built): put its own weights back so strict loading passes."""
-        super().on_load_checkpoint(checkpoint)
-        if self.teacher is not None:
-            checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
 
 
 def student_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
     """The `ImageClassifier` arguments among a DistillationModule's hyperparameters: its student alone."""
-    keep = set(inspect.signature(ImageClassifier.__init__).parameters) - {"self"}
+    keep = task_options(ImageClassifier)
     return {key: value for key, value in hparams.items() if key in keep}
 
 
@@ -194,9 +139,8 @@ def export_student(checkpoint: str | Path, out: str | Path) -> Path:
     hparams = source.get("hyper_parameters", {})
     if "teacher" not in hparams:
         raise UserError(f"{checkpoint} is not a DistillationModule checkpoint (no teacher hyperparameter)")
-    student = {**student_hparams(hparams), "_class_path": IMAGE_CLASSIFIER}
-    if "_instantiator" in hparams:
-        student["_instantiator"] = hparams["_instantiator"]
+    instantiator = hparams.get("_instantiator", LIGHTNING_INSTANTIATOR)  # `_class_path` needs one to load
+    student = {**student_hparams(hparams), "_class_path": IMAGE_CLASSIFIER, "_instantiator": instantiator}
     state = {key: value for key, value in source["state_dict"].items() if key.startswith("net.")}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

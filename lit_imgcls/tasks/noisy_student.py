@@ -18,31 +18,34 @@ from torch import nn
 from lit_imgcls.data.protocol import DataRequest
 from lit_imgcls.errors import ConfigError
 from lit_imgcls.pseudo_labels import PseudoLabels, select_pseudo_labels
-from lit_imgcls.tasks.checkpoints import load_task_network
-from lit_imgcls.tasks.classifier import ImageClassifier
+from lit_imgcls.tasks.base import ClassificationTask
+from lit_imgcls.tasks.classifier import drop_finetune_options
+from lit_imgcls.tasks.teacher import FrozenTeacher
 
 PSEUDO_LABEL_FILE = "pseudo_labels.pt"
 
 
-class NoisyStudent(ImageClassifier):
+class NoisyStudent(ClassificationTask):
     """A student trained from scratch on labeled + teacher-pseudo-labeled data (`DataRequest("combined")`).
 
     Loss per step: CE(student(labeled), labels) + unlabeled_weight * CE(student(strong unlabeled view), pseudo-labels),
-    both views in one forward pass (BatchNorm sees both, as in the official code). The unlabeled batch size is
+    both views in one forward pass (BatchNorm sees both, as in the official code); logged per epoch as `train/loss`,
+    with its terms `train/ce` (labeled) and `train/pseudo` (unweighted). The unlabeled batch size is
     `data.unlabeled_batch_ratio` times the labeled one. Pseudo-labels are computed once, in `on_fit_start`, and
     written to `<log_dir>/pseudo_labels.pt` (indices into the unlabeled set with repeats, targets, confidence).
 
     Args:
-        teacher: checkpoint of the teacher (an `ImageClassifier`, a previous `NoisyStudent`, any task with a `net`).
+        teacher: checkpoint of the teacher (an `ImageClassifier`, a previous `NoisyStudent`, any task with a `net`),
+            loaded, checked against the data and frozen by `FrozenTeacher` when the fit starts, freed once it
+            has labeled the unlabeled set.
         hard_labels: train on the teacher's argmax instead of its probabilities.
         temperature: soft labels only: softmax(teacher logits / T).
         confidence_threshold: keep unlabeled images whose top teacher probability is at least this.
         per_class: balance the pseudo-labeled set to this many images per predicted class (duplicate or drop,
             as the official code does); None keeps every image that passes the threshold.
         unlabeled_weight: weight of the pseudo-label term.
-        label_batch_size: teacher batch size while labeling; default: the data's eval batch size.
-        **kwargs: the student: every `ImageClassifier` argument; noise it with `drop_rate`, `drop_path_rate`
-            (stochastic depth, timm models) and `data.strong_augment`.
+        **kwargs: the student: the network and training options every task shares (`ClassificationTask`); noise
+            it with `drop_rate`, `drop_path_rate` (stochastic depth, timm models) and `data.strong_augment`.
     """
 
     data_request = DataRequest("combined")
@@ -57,41 +60,40 @@ class NoisyStudent(ImageClassifier):
         unlabeled_weight: float = 1.0,
         **kwargs: Any,
     ) -> None:
+        drop_finetune_options(kwargs, type(self).__name__)
         super().__init__(**kwargs)
         if unlabeled_weight < 0:
             raise ConfigError(f"model.unlabeled_weight must be >= 0, got {unlabeled_weight}")
+        self.hard_labels, self.temperature, self.per_class = hard_labels, temperature, per_class
+        self.confidence_threshold, self.unlabeled_weight = confidence_threshold, unlabeled_weight
+        self.teacher = FrozenTeacher(teacher)
+        self.track_loss_terms("ce", "pseudo")
         self.pseudo_labels: PseudoLabels | None = None
         # a plain attribute, not a buffer: identical on every rank already, so DDP must not broadcast it each step
         self.pseudo_targets = torch.empty(0)
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit":
+            self.teacher.load(self.num_classes, self.in_chans, self.channels_last)
+            self.teacher.check(getattr(self.trainer, "datamodule", None))
+
     def on_fit_start(self) -> None:
         super().on_fit_start()
         datamodule = self.trainer.datamodule
-        teacher = self.load_teacher()
-        probs = self.label_unlabeled(teacher, datamodule.unlabeled_dataloader(train=False))
-        del teacher
-        hp = self.hparams
+        probs = self.label_unlabeled(self.load_teacher(), datamodule.unlabeled_dataloader(train=False))
+        self.teacher.release()
         self.pseudo_labels = select_pseudo_labels(
-            probs, hp.confidence_threshold, hp.hard_labels, hp.temperature, hp.per_class
+            probs, self.confidence_threshold, self.hard_labels, self.temperature, self.per_class
         )
         datamodule.select_unlabeled(self.pseudo_labels.indices)
         self.pseudo_targets = self.pseudo_labels.target_table().to(self.device)
         self.report_pseudo_labels(getattr(datamodule, "unlabeled_true_targets", None))
 
     def load_teacher(self) -> nn.Module:
-        """The teacher network from its checkpoint: frozen, in eval mode, on this module's device."""
-        teacher = load_task_network(self.hparams.teacher).to(self.device).eval().requires_grad_(False)
-        probe = self.trainer.datamodule
-        channels = probe.image_shape[0]
-        classes = getattr(teacher, "num_classes", probe.num_classes)
-        if classes != probe.num_classes:
-            raise ConfigError(
-                f"the teacher {self.hparams.teacher} predicts {classes} classes but the data has "
-                f"{probe.num_classes}: use a teacher trained on this dataset"
-            )
-        if self.hparams.in_chans != channels:
-            raise ConfigError(f"model.in_chans={self.hparams.in_chans} but the images have {channels} channel(s)")
-        return teacher
+        """The teacher network (built and checked in `setup`): frozen, in eval mode, on this module's device."""
+        self.teacher.place(self.device, self.dtype)
+        return self.teacher.net
 
     @torch.no_grad()
     def label_unlabeled(self, teacher: nn.Module, loader: torch.utils.data.DataLoader) -> torch.Tensor:
@@ -111,7 +113,7 @@ class NoisyStudent(ImageClassifier):
             probs.append(teacher(clean).float().softmax(dim=-1))
             indices.append(batch["index"].to(self.device))
         total = len(datamodule.unlabeled_set)
-        k = self.hparams.num_classes
+        k = self.num_classes
         mine_idx = torch.cat(indices) if indices else torch.empty(0, dtype=torch.long, device=self.device)
         mine = torch.cat(probs) if probs else torch.empty(0, k, device=self.device)
         if world > 1:
@@ -141,7 +143,7 @@ class NoisyStudent(ImageClassifier):
             "unlabeled": labels.total,
             "kept": labels.kept,
             "rows": len(labels.indices),
-            "per_class": labels.per_class_counts(self.hparams.num_classes),
+            "per_class": labels.per_class_counts(self.num_classes),
         }
         if true_targets is not None and len(true_targets) == labels.total:
             summary["accuracy"] = round((labels.classes == true_targets[labels.indices]).float().mean().item(), 4)
@@ -156,9 +158,11 @@ class NoisyStudent(ImageClassifier):
         n = len(labeled["image"])
         logits = self(torch.cat([labeled["image"], unlabeled["image_strong"]]))
         target = labeled["target"]
-        supervised = self.compute_loss(logits[:n], target)
+        ce = self.compute_loss(logits[:n], target)
         pseudo = self.compute_loss(logits[n:], self.pseudo_targets[unlabeled["index"]])
-        loss = supervised + self.hparams.unlabeled_weight * pseudo
-        self.stage_metrics("train").update(logits[:n], target if target.ndim == 1 else target.argmax(dim=-1))
-        self.stage_loss("train").update(loss.detach(), weight=len(logits))
+        loss = ce + self.unlabeled_weight * pseudo
+        self.update_metrics("train", logits[:n], target, loss)
+        self.update_loss_terms(n, ce=ce)
+        self.update_loss_terms(len(logits) - n, pseudo=pseudo)
+        self.log_step_loss(loss, n)
         return loss

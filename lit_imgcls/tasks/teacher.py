@@ -1,0 +1,104 @@
+"""FrozenTeacher: a trained network that teaches a student, used by distillation and noisy student."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lit_imgcls.checkpoint_io import read_checkpoint
+from lit_imgcls.errors import ConfigError
+from lit_imgcls.models import create_model
+from lit_imgcls.models.weights import first_conv_name
+from lit_imgcls.tasks.base import strip_compile_prefix
+from lit_imgcls.tasks.checkpoints import load_task_network
+
+
+def load_teacher_network(
+    checkpoint: str, model: str | None = None, num_classes: int = 10, in_chans: int = 1, **model_kwargs: Any
+) -> nn.Module:
+    """The `net` of a checkpoint of any task of this project, or `create_model(model, ...)` with the weights in
+    `checkpoint` (a state dict, bare or under "state_dict", keys optionally prefixed "net.")."""
+    if model is None:
+        return load_task_network(checkpoint)
+    net = create_model(model, num_classes, in_chans, **model_kwargs)
+    state = read_checkpoint(checkpoint)
+    state = strip_compile_prefix(state.get("state_dict", state))
+    if any(key.startswith("net.") for key in state):
+        state = {key[4:]: value for key, value in state.items() if key.startswith("net.")}
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as error:
+        raise ConfigError(f"the weights in {checkpoint} do not fit teacher_model={model!r}: {error}") from error
+    return net
+
+
+class FrozenTeacher:
+    """A teacher network, frozen: no gradients, in eval mode for the whole fit, never trained.
+
+    It is deliberately not a submodule of the task: the student's `parameters()`, optimizer, `state_dict` and
+    checkpoints, DDP (no "unused parameters") and Lightning's `train()` calls never see it. `place` puts it on
+    the student's device and dtype when a fit starts; `release` frees it.
+
+    Args:
+        checkpoint: a checkpoint of any task of this project, or a weights file when `model` is set.
+        model: build the teacher with `create_model(model, num_classes, in_chans, **model_kwargs)` and load
+            `checkpoint` into it.
+        model_kwargs: extra arguments of that `create_model` call (e.g. `{small_input: true}`).
+    """
+
+    def __init__(self, checkpoint: str, model: str | None = None, model_kwargs: dict[str, Any] | None = None) -> None:
+        self.checkpoint, self.model, self.model_kwargs = checkpoint, model, dict(model_kwargs or {})
+        self.net: nn.Module | None = None
+
+    def load(self, num_classes: int, in_chans: int, channels_last: bool = False) -> nn.Module:
+        """Build the network once (on the CPU), frozen and in eval mode, in the student's memory format."""
+        if self.net is None:
+            with torch.random.fork_rng(devices=[]):  # building it must not shift the student's random stream
+                net = load_teacher_network(self.checkpoint, self.model, num_classes, in_chans, **self.model_kwargs)
+            if channels_last:
+                net.to(memory_format=torch.channels_last)
+            self.net = net.requires_grad_(False).eval()
+        return self.net
+
+    def check(self, datamodule: Any) -> None:
+        """ConfigError, with the fix, when the teacher's input channels or class count disagree with the data."""
+        if datamodule is None or not hasattr(datamodule, "image_shape") or self.net is None:
+            return
+        shape, classes = tuple(datamodule.image_shape), datamodule.num_classes
+        device = next(self.net.parameters()).device
+        try:
+            with torch.no_grad():
+                outputs = self.net(torch.zeros(2, *shape, device=device)).shape[-1]
+        except RuntimeError as error:
+            stem = first_conv_name(self.net)
+            channels = self.net.state_dict()[stem].shape[1] if stem is not None else shape[0]
+            if channels != shape[0]:
+                raise ConfigError(
+                    f"the teacher {self.checkpoint} takes {channels}-channel images but the data has {shape[0]}: "
+                    f"set --data.channels={channels}, or use a teacher trained on {shape[0]}-channel images"
+                ) from error
+            message = f"the teacher {self.checkpoint} cannot take the data's {shape} images ({error})"
+            raise ConfigError(message) from error
+        if outputs != classes:
+            raise ConfigError(
+                f"the teacher {self.checkpoint} predicts {outputs} classes but the dataset has {classes}: "
+                "use a teacher trained on the same classes"
+            )
+
+    def place(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Move the teacher to the student's device and dtype (a true-half-precision fit converts the student)."""
+        if self.net is not None:
+            self.net.to(device=device, dtype=dtype).eval()
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits, without gradients."""
+        if self.net is None:
+            raise RuntimeError("the teacher is not loaded: call load() first")
+        return self.net(images)
+
+    def release(self) -> None:
+        """Free the network (noisy student needs it only to label the unlabeled set)."""
+        self.net = None
