@@ -133,3 +133,26 @@ def test_tasks_use_only_the_protocol_and_the_datamodule_reads_only_the_request()
     source = Path(datamodule_module.__file__).read_text()
     assert re.findall(r"lightning_module\b.*", source) == ["lightning_module if self.trainer is not None else None)"]
     assert "data_request(" in source
+
+
+@needs_fashion_mnist
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+def test_true_precision_fit_gets_images_in_the_model_dtype(precision):
+    """The float images are made after Lightning's input conversion; the DataModule converts them once more."""
+    from lit_imgcls.tasks import ImageClassifier
+    from tests.conftest import quiet_trainer
+
+    dtype = {"64-true": torch.float64, "bf16-true": torch.bfloat16}[precision]
+    seen = []
+
+    class Probe(ImageClassifier):
+        def training_step(self, batch, batch_idx):
+            seen.append(batch["image"].dtype)
+            return super().training_step(batch, batch_idx)
+
+    model = Probe(model="lenet5", num_classes=10, in_chans=1)
+    data = ImageDataModule(train_subset=128, val_size=64, test_subset=64, batch_size=64, augment="basic")
+    trainer = quiet_trainer(precision=precision, max_steps=2, limit_val_batches=1, num_sanity_val_steps=1)
+    trainer.fit(model, data)
+    assert seen == [dtype, dtype]
+    assert torch.isfinite(trainer.callback_metrics["train/loss"]).item()

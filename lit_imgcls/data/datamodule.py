@@ -286,11 +286,17 @@ class ImageDataModule(LabeledUnlabeledMixin, pl.LightningDataModule):
         return self.pipeline.labeled_batch(batch) if train else self.pipeline.eval_batch(batch)
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        """Training batches (not the sanity check) through the task's views, every other batch evaluation-only."""
+        """Training batches (not the sanity check) through the task's views, every other batch evaluation-only.
+
+        The float images are made here, after Lightning's precision plugin saw the uint8 batch, so they go through
+        its `convert_input` once more: a `64-true` or `bf16-true` model gets float64 / bf16 images.
+        """
         trainer = self.trainer
-        if trainer is None or not trainer.training or trainer.sanity_checking:
+        if trainer is None:
             return self.pipeline.eval_batch(batch)
-        return self.pipeline.train_batch(batch, self.request())
+        if not trainer.training or trainer.sanity_checking:
+            return trainer.precision_plugin.convert_input(self.pipeline.eval_batch(batch))
+        return trainer.precision_plugin.convert_input(self.pipeline.train_batch(batch, self.request()))
 
     def describe(self) -> str:
         """One line for logs: dataset, split sizes, image shape."""
