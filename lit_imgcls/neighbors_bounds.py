@@ -64,6 +64,12 @@ class LowerBound:
         """Permute the bank rows (bank row i becomes old row order[i])."""
         self.features, self.bank_term = self.features[order], self.bank_term[order]
 
+    def pad_to_multiple(self, multiple: int) -> None:
+        """Append zero bank rows with an infinite bank term: their bound is +inf, so no search ever keeps them."""
+        pad = -len(self.features) % multiple
+        self.features = torch.cat([self.features, self.features.new_zeros(pad, self.width)])
+        self.bank_term = torch.cat([self.bank_term, self.bank_term.new_full((pad,), float("inf"))])
+
     @property
     def width(self) -> int:
         return self.features.shape[1]

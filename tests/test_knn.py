@@ -141,9 +141,10 @@ def test_pruned_is_exact_with_clusters_smaller_than_k_and_many_chunks(monkeypatc
 
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("kind", ["uniform", "ties"])
-def test_brute_tiles_and_column_blocks_are_exact(monkeypatch, kind, bf16):
-    monkeypatch.setattr(neighbors, "BRUTE_TILE", 128)  # 11 full tiles ruled out by 64-column blocks, then a partial one
-    bank, queries = random_data(kind, 1500, 50, 24)
+@pytest.mark.parametrize("n_bank", [1500, 120])  # 24 column blocks of 64 (the last one padded); 2: fewer than k
+def test_brute_query_blocks_and_column_blocks_are_exact(monkeypatch, kind, bf16, n_bank):
+    monkeypatch.setattr(neighbors, "BRUTE_SCORES", 3 * 1536)  # 1500 rows: 3 queries per product, 17 products
+    bank, queries = random_data(kind, n_bank, 50, 24)
     for metric in ("euclidean", "cosine"):
         dist, idx = knn_search(queries, bank, 20, metric, chunk_size=16, bf16=bf16, strategy="brute")
         ref_dist, ref_idx = reference_search(queries, bank, 20, metric)
