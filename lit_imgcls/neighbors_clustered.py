@@ -169,18 +169,20 @@ class ClusteredBounds:
         for qs in torch.arange(len(queries), device=queries.device).split(self.block_queries):
             part = self.fine.part(fine_q[qs])  # padded with +inf columns to whole blocks
             self.pairs[1] += part.numel()
-            blocks = part.view(len(qs), -1, BLOCK)
-            minima = blocks.amin(2)
-            if minima.shape[1] >= k:  # the k smallest block minima are k distinct pairs
+            blocks = part.view(-1, BLOCK)  # row i * n_blocks + b: block b of query i
+            minima = blocks.amin(1).view(len(qs), -1)
+            n_blocks = minima.shape[1]
+            if n_blocks >= k:  # the k smallest block minima are k distinct pairs
                 chosen = minima.topk(k, dim=1, largest=False).indices
-                best, at = blocks[torch.arange(len(qs), device=part.device)[:, None], chosen].min(2)
+                first = torch.arange(0, len(qs) * n_blocks, n_blocks, device=part.device)[:, None]
+                best, at = blocks.index_select(0, (first + chosen).flatten()).view(len(qs), k, BLOCK).min(2)
                 cols = chosen * BLOCK + at
             else:
                 best, cols = part.topk(k, dim=1, largest=False)
             upper = self._margin(best.double() + offset[qs, None], qs[:, None].expand_as(cols), cols, offset)
             limit = bound_limit(upper.amax(1), offset[qs], self.abs_margin)
             r, b = (minima <= limit[:, None]).nonzero(as_tuple=True)
-            values = blocks[r, b]
+            values = blocks.index_select(0, r * n_blocks + b)
             rr, c = (values <= limit[r, None]).nonzero(as_tuple=True)
             found.append((qs[r[rr]], b[rr] * BLOCK + c, values[rr, c]))
         rows, cols, part = (torch.cat(x) for x in zip(*found, strict=True))
