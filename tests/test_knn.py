@@ -14,7 +14,7 @@ from lit_imgcls.neighbors import KNNIndex, knn_search, knn_vote
 from lit_imgcls.neighbors_bounds import LowerBound, principal_axes
 from lit_imgcls.neighbors_clustered import ClusteredBounds
 from lit_imgcls.tasks import ImageClassifier, KNNClassifier, KNNMonitor
-from lit_imgcls.tasks.knn import penultimate_features
+from lit_imgcls.tasks.knn import count_once, penultimate_features
 from tests.conftest import QUIET, REPO, needs_cuda, needs_fashion_mnist, quiet_trainer, run_cli
 from tests.test_cli import read_metrics
 
@@ -229,6 +229,56 @@ def test_checkpoint_features_and_monitor_rise_with_training(tmp_path):
     )
     (result,) = quiet_trainer().test(knn, dm, verbose=False)
     assert result["test/acc"] > 0.6
+
+
+def monitor_reference(model, dm, monitor) -> float:
+    """val/knn_acc recomputed the slow way: both feature passes again, float64 brute force, the same vote."""
+    net = model.net.eval()
+    features = penultimate_features(net)
+
+    def feats(indices):
+        images = dm.transform_batch({"image": dm.train_set.images[indices]}, train=False)["image"]
+        with torch.no_grad():
+            return features(images).float(), dm.train_set.targets[indices]
+
+    bank, bank_y = feats(dm.train_indices[: monitor.bank_size])
+    queries, query_y = feats(dm.val_indices)
+    dist, idx = reference_search(queries, bank, monitor.k, monitor.metric)
+    probs = knn_vote(dist, bank_y[idx], 10, monitor.weights, monitor.temperature, monitor.metric)
+    return (probs.argmax(1) == query_y).double().mean().item()
+
+
+@pytest.mark.parametrize("use_hook", [True, False])
+def test_monitor_equals_a_brute_force_recomputation(tmp_path, use_hook):
+    pl.seed_everything(0)
+    dm = ImageDataModule(val_size=301, train_subset=1500, batch_size=64, augment="none")
+    model = ImageClassifier("lenet5")
+    monitor = KNNMonitor(bank_size=700, batch_size=128)  # bank passes of 128, 128, ..., 60 images
+    monitor.use_hook = use_hook
+    trainer = quiet_trainer(max_epochs=1, callbacks=[monitor], default_root_dir=tmp_path)
+    trainer.fit(model, dm)
+    assert monitor.use_hook is use_hook and monitor.hook_checked is use_hook  # the hook's features passed the check
+    assert trainer.callback_metrics["val/knn_acc"].item() == pytest.approx(monitor_reference(model, dm, monitor))
+    assert monitor._hook is None and not model.net.get_classifier()._forward_pre_hooks
+
+
+def test_monitor_skips_epochs_and_sanity_checks(tmp_path):
+    dm = ImageDataModule(val_size=100, train_subset=300, batch_size=100, augment="none")
+    monitor = KNNMonitor(every_n_epochs=2, bank_size=200)
+    logged = []
+    monitor.evaluate = lambda trainer, *_: logged.append(trainer.current_epoch) or 0.5
+    trainer = quiet_trainer(max_epochs=4, callbacks=[monitor], default_root_dir=tmp_path, num_sanity_val_steps=1)
+    trainer.fit(ImageClassifier("lenet5"), dm)
+    assert logged == [1, 3]
+    with pytest.raises(ConfigError, match="every_n_epochs must be at least 1"):
+        KNNMonitor(every_n_epochs=0)
+
+
+def test_count_once_drops_sampler_padding():
+    # DistributedSampler over 5 images on 2 ranks: rank 0 sees 0, 2, 4; rank 1 sees 1, 3 and 0 again (padding)
+    index = torch.tensor([0, 2, 4, 1, 3, 0])
+    correct = torch.tensor([1, 0, 1, 1, 1, 0])
+    assert count_once(correct, index) == (4, 5)
 
 
 @pytest.mark.slow
