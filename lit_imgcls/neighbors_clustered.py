@@ -84,7 +84,7 @@ class ClusteredBounds:
             self.coarse = None
             self.order = torch.arange(n, device=device)
             self.fine = LowerBound(vectors, None, dtype)
-            self.fine.pad_to_multiple(BLOCK)
+            self.fine.fold(BLOCK)
             self.block_queries = max(1, cluster_size // len(self.fine.features))
             return
         self.coarse = LowerBound(vectors, projection)
