@@ -298,6 +298,24 @@ def test_ddp_knn_matches_one_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_ddp_monitor_equals_one_process(tmp_path):
+    """301 validation images on 2 ranks: the sampler repeats one image, which must not be counted twice. The network
+    is the config's seeded initialisation, the same in both runs."""
+    lenet = str(REPO / "configs" / "fashion_mnist" / "lenet5.yaml")
+    args = ["--data.val_size=301", "--data.train_subset=1500", "--data.batch_size=64"]
+    monitor = ["--trainer.callbacks+=lit_imgcls.tasks.KNNMonitor", "--trainer.callbacks.init_args.bank_size=700"]
+    ddp = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+    results = {}
+    for name, extra in (("single", ["--trainer.accelerator=cpu"]), ("ddp", ddp)):
+        run = run_cli("validate", "--config", lenet, *args, *monitor, *extra, *QUIET, cwd=tmp_path / name)
+        assert run.returncode == 0, run.stderr[-3000:]
+        (version,) = (tmp_path / name / "runs" / "fashion_mnist_lenet5").glob("version_*")
+        results[name] = read_metrics(version)["val/knn_acc"]
+    assert results["ddp"] == pytest.approx(results["single"], abs=1e-6)
+    assert round(results["single"] * 301) == pytest.approx(results["single"] * 301, abs=1e-4)  # hits / 301 images
+
+
+@pytest.mark.slow
 def test_predict_writes_neighbour_classes(tmp_path):
     out = tmp_path / "knn.csv"
     args = ["--data.train_subset=2000", "--data.test_subset=50", f"--prediction_writer.output={out}", *QUIET]

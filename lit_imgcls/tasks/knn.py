@@ -275,10 +275,10 @@ class KNNMonitor(pl.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self._queries is None or dataloader_idx != 0:
+        captured, self._captured = self._captured, []
+        if self._queries is None or dataloader_idx != 0:  # k-NN accuracy of the first validation loader only
             return
-        images, captured = batch["image"], self._captured
-        self._captured = []
+        images = batch["image"]
         feats = next((f.flatten(1) for f in captured if len(f) == len(images)), None)
         if feats is not None and not self.hook_checked:
             self.hook_checked = True
