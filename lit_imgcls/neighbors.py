@@ -27,7 +27,7 @@ PROBES = 4  # nearest clusters whose members give each query's first threshold
 PRUNED_CHUNK = 16384  # queries per pruned pass: the per-cluster loop costs the same for any number of queries
 PRUNED_MIN_BANK = 8192
 PRUNED_MIN_DIM = 128  # auto: below this, one product per pair is cheap enough to be unbeatable
-BRUTE_SCORES = 1 << 21  # brute force: (query, bank) scores per pass, 8 MB of fp32 (queries per pass = this / bank rows)
+BRUTE_TILE = 4096  # bank rows per brute-force product (a multiple of 64): a tile stays in cache for the chunk
 MAX_RESIDUAL_VARIANCE = 0.5  # auto: above this share of variance outside the components, do not even try
 PAIR_COST = 64  # a bounded pair beyond its product's flops (writing, comparing, gathering), in product terms
 PROBE_QUERIES = 128
@@ -54,7 +54,7 @@ def _best_pairs(
 class KNNIndex:
     """A reference bank (N, D) prepared once for repeated exact searches (Euclidean, or cosine distance 1 - cos).
 
-    strategy: `brute` bounds every pair with the full-dimension product (per block of queries, the whole bank);
+    strategy: `brute` bounds every pair with the full-dimension product (per chunk of queries, tile by tile);
     `pruned` clusters the bank and rules out clusters, rows and pairs with `PRUNED_DIMS` principal components first;
     `auto` picks pruned only for a large, high-dimensional, not nearly isotropic bank where a probe of bank rows
     predicts it is cheaper.
@@ -104,7 +104,7 @@ class KNNIndex:
 
     def _brute(self) -> ClusteredBounds:
         dtype = torch.bfloat16 if self.bf16 else torch.float32
-        return ClusteredBounds(self.vectors, None, BRUTE_SCORES, self.abs_margin, dtype)
+        return ClusteredBounds(self.vectors, None, BRUTE_TILE, self.abs_margin, dtype)
 
     def search(self, queries: torch.Tensor, k: int, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
         """The `k` nearest bank rows of every query: (distances (Q, k) float64, indices (Q, k)), nearest first.

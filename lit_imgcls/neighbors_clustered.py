@@ -63,9 +63,9 @@ def _cluster_space(feats: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.
 class ClusteredBounds:
     """Candidate pairs of an exact search over `vectors` (N, D): bank sorted by cluster, three lower bounds.
 
-    `projection=None` is brute force: the fine bound only (in `dtype`, fp32 or bf16), scored against the whole bank
-    for blocks of queries of at most `cluster_size` scores each; the minima of column blocks give each query's
-    threshold and rule out most blocks. `order[i]` is the original index of sorted bank
+    `projection=None` is brute force: the fine bound only (in `dtype`, fp32 or bf16), over tiles of `cluster_size`
+    bank rows (a multiple of `BLOCK`); the minima of column blocks give each query's threshold and rule out most
+    blocks. `order[i]` is the original index of sorted bank
     row i. `abs_margin` covers the rounding of the float64 reference distances.
     """
 
@@ -85,7 +85,7 @@ class ClusteredBounds:
             self.order = torch.arange(n, device=device)
             self.fine = LowerBound(vectors, None, dtype)
             self.fine.fold(BLOCK)
-            self.block_queries = max(1, cluster_size // len(self.fine.features))
+            self.tile = cluster_size
             return
         self.coarse = LowerBound(vectors, projection)
         dims = projection.axes.shape[1]
@@ -162,29 +162,33 @@ class ClusteredBounds:
         return rows, cols, low, self._margin(low, rows, cols, fine_offset)
 
     def _dense_candidates(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
-        """`candidates` of brute force: per block of queries, one product with the whole bank; the minima of its
-        `BLOCK`-column blocks give k distinct pairs (the threshold) and rule out most blocks before listing pairs."""
+        """`candidates` of brute force: the bank in tiles of `tile` rows, one product each; the minima of each tile's
+        `BLOCK`-column blocks are distinct pairs whose k smallest upper bounds so far give the threshold, and rule out
+        most blocks before pairs are listed. Later tiles only lower the threshold (the caller drops what it keeps)."""
         fine_q, offset = self.fine.query_features(queries)
+        rows_of = torch.arange(len(queries), device=queries.device)[:, None]
+        best = torch.full((len(queries), k), float("inf"), dtype=torch.float64, device=queries.device)
         found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        for qs in torch.arange(len(queries), device=queries.device).split(self.block_queries):
-            part = self.fine.part(fine_q[qs])  # padded with +inf columns to whole blocks
+        for start in range(0, len(self.fine.features), self.tile):
+            part = self.fine.part(fine_q, start, start + self.tile)  # whole blocks: the bank is padded with +inf
             self.pairs[1] += part.numel()
             blocks = part.view(-1, BLOCK)  # row i * n_blocks + b: block b of query i
-            minima = blocks.amin(1).view(len(qs), -1)
+            minima = blocks.amin(1).view(len(queries), -1)
             n_blocks = minima.shape[1]
-            if n_blocks >= k:  # the k smallest block minima are k distinct pairs
+            if n_blocks >= k:
                 chosen = minima.topk(k, dim=1, largest=False).indices
-                first = torch.arange(0, len(qs) * n_blocks, n_blocks, device=part.device)[:, None]
-                best, at = blocks.index_select(0, (first + chosen).flatten()).view(len(qs), k, BLOCK).min(2)
+                first = rows_of * n_blocks
+                low, at = blocks.index_select(0, (first + chosen).flatten()).view(len(queries), k, BLOCK).min(2)
                 cols = chosen * BLOCK + at
             else:
-                best, cols = part.topk(k, dim=1, largest=False)
-            upper = self._margin(best.double() + offset[qs, None], qs[:, None].expand_as(cols), cols, offset)
-            limit = bound_limit(upper.amax(1), offset[qs], self.abs_margin)
+                low, cols = part.topk(min(k, part.shape[1]), dim=1, largest=False)
+            upper = self._margin(low.double() + offset[:, None], rows_of.expand_as(cols), cols + start, offset)
+            best = torch.cat([best, upper], 1).topk(k, dim=1, largest=False).values
+            limit = bound_limit(best[:, -1], offset, self.abs_margin)
             r, b = (minima <= limit[:, None]).nonzero(as_tuple=True)
             values = blocks.index_select(0, r * n_blocks + b)
             rr, c = (values <= limit[r, None]).nonzero(as_tuple=True)
-            found.append((qs[r[rr]], b[rr] * BLOCK + c, values[rr, c]))
+            found.append((r[rr], start + b[rr] * BLOCK + c, values[rr, c]))
         rows, cols, part = (torch.cat(x) for x in zip(*found, strict=True))
         self.pairs[2] += len(rows)
         low = part.double() + offset[rows]

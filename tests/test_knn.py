@@ -142,8 +142,8 @@ def test_pruned_is_exact_with_clusters_smaller_than_k_and_many_chunks(monkeypatc
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("kind", ["uniform", "ties"])
 @pytest.mark.parametrize("n_bank", [1500, 120])  # 24 column blocks of 64 (the last one padded); 2: fewer than k
-def test_brute_query_blocks_and_column_blocks_are_exact(monkeypatch, kind, bf16, n_bank):
-    monkeypatch.setattr(neighbors, "BRUTE_SCORES", 3 * 1536)  # 1500 rows: 3 queries per product, 17 products
+def test_brute_tiles_and_column_blocks_are_exact(monkeypatch, kind, bf16, n_bank):
+    monkeypatch.setattr(neighbors, "BRUTE_TILE", 128)  # 1500 rows: 12 tiles of 2 blocks, fewer than k=20 each
     bank, queries = random_data(kind, n_bank, 50, 24)
     for metric in ("euclidean", "cosine"):
         dist, idx = knn_search(queries, bank, 20, metric, chunk_size=16, bf16=bf16, strategy="brute")
