@@ -85,7 +85,8 @@ class ClusteredBounds:
             self.order = torch.arange(n, device=device)
             self.fine = LowerBound(vectors, None, dtype)
             self.fine.fold(BLOCK)
-            self.tile = cluster_size
+            # a bank of at most two tiles is one product: splitting it only loosens the first tile's threshold
+            self.tile = cluster_size if n > 2 * cluster_size else len(self.fine.features)
             return
         self.coarse = LowerBound(vectors, projection)
         dims = projection.axes.shape[1]

@@ -143,7 +143,7 @@ def test_pruned_is_exact_with_clusters_smaller_than_k_and_many_chunks(monkeypatc
 @pytest.mark.parametrize("kind", ["uniform", "ties"])
 @pytest.mark.parametrize("n_bank", [1500, 120])  # 24 column blocks of 64 (the last one padded); 2: fewer than k
 def test_brute_tiles_and_column_blocks_are_exact(monkeypatch, kind, bf16, n_bank):
-    monkeypatch.setattr(neighbors, "BRUTE_TILE", 128)  # 1500 rows: 12 tiles of 2 blocks, fewer than k=20 each
+    monkeypatch.setattr(neighbors, "BRUTE_TILE", 128)  # 1500 rows: 12 tiles of 2 blocks (fewer than k=20); 120: 1 tile
     bank, queries = random_data(kind, n_bank, 50, 24)
     for metric in ("euclidean", "cosine"):
         dist, idx = knn_search(queries, bank, 20, metric, chunk_size=16, bf16=bf16, strategy="brute")
