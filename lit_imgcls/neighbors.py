@@ -27,7 +27,7 @@ PROBES = 4  # nearest clusters whose members give each query's first threshold
 PRUNED_CHUNK = 16384  # queries per pruned pass: the per-cluster loop costs the same for any number of queries
 PRUNED_MIN_BANK = 8192
 PRUNED_MIN_DIM = 128  # auto: below this, one product per pair is cheap enough to be unbeatable
-BRUTE_TILE = 4096  # bank rows per brute-force tile; the first tile gives the threshold
+BRUTE_TILE = 4096  # bank rows per brute-force product (a multiple of 64): a tile stays in cache for the chunk
 MAX_RESIDUAL_VARIANCE = 0.5  # auto: above this share of variance outside the components, do not even try
 PAIR_COST = 64  # a bounded pair beyond its product's flops (writing, comparing, gathering), in product terms
 PROBE_QUERIES = 128
@@ -54,9 +54,10 @@ def _best_pairs(
 class KNNIndex:
     """A reference bank (N, D) prepared once for repeated exact searches (Euclidean, or cosine distance 1 - cos).
 
-    strategy: `brute` bounds every pair with the full-dimension product, tile by tile; `pruned` clusters the bank
-    and rules out clusters, rows and pairs with `PRUNED_DIMS` principal components first; `auto` picks pruned only
-    for a large, high-dimensional, not nearly isotropic bank where a probe of bank rows predicts it is cheaper.
+    strategy: `brute` bounds every pair with the full-dimension product (per chunk of queries, tile by tile);
+    `pruned` clusters the bank and rules out clusters, rows and pairs with `PRUNED_DIMS` principal components first;
+    `auto` picks pruned only for a large, high-dimensional, not nearly isotropic bank where a probe of bank rows
+    predicts it is cheaper.
     `bf16` runs the brute-force product in bf16 (fast on CUDA and AMX/AVX512-BF16 CPUs) with a margin for its
     rounding. Results never depend on the strategy.
     """

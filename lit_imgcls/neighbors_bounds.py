@@ -43,6 +43,7 @@ class LowerBound:
         """`dims`: a component count, or a `Projection` already fitted. `order`: the bank is vectors[order] (brute
         force only)."""
         self.dtype = dtype
+        self.folded: Tensor | None = None
         if isinstance(dims, int):
             dims = principal_axes(vectors, dims)
         self.mean = _sample(vectors).mean(0).float() if dims is None else dims.mean
@@ -63,6 +64,18 @@ class LowerBound:
     def reorder(self, order: torch.Tensor) -> None:
         """Permute the bank rows (bank row i becomes old row order[i])."""
         self.features, self.bank_term = self.features[order], self.bank_term[order]
+
+    def fold(self, multiple: int) -> None:
+        """Prepare the whole-bank product of brute force: pad the bank with zero rows whose bank term is +inf (their
+        bound is +inf, so no search keeps them) to a multiple of `multiple` rows and, in fp32, fold the bank term
+        into the product (bank rows [b, term], queries [-2 q, 1]): one matrix product and no bias pass. The extra
+        term lies within eta's allowance: (width + 1) products summing to at most 2 (|f_q|^2 + |f_b|^2)."""
+        pad = -len(self.features) % multiple
+        self.features = torch.cat([self.features, self.features.new_zeros(pad, self.width)])
+        self.bank_term = torch.cat([self.bank_term, self.bank_term.new_full((pad,), float("inf"))])
+        if self.dtype == torch.float32:
+            self.folded = torch.cat([self.features, self.bank_term[:, None]], 1)
+            self.features = self.folded[:, :-1]  # a view: the bank is stored once
 
     @property
     def width(self) -> int:
@@ -86,6 +99,8 @@ class LowerBound:
 
     def part(self, feats: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """fp32 (Q, stop - start): with the query's offset, a lower bound to bank rows start..stop."""
+        if self.folded is not None:
+            return torch.cat([feats * -2, feats.new_ones(len(feats), 1)], 1) @ self.folded[start:stop].T
         bank, bank_term = self.features[start:stop], self.bank_term[start:stop]
         if self.dtype == torch.float32:
             return torch.addmm(bank_term, feats, bank.T, alpha=-2)

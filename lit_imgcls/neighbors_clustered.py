@@ -63,9 +63,10 @@ def _cluster_space(feats: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.
 class ClusteredBounds:
     """Candidate pairs of an exact search over `vectors` (N, D): bank sorted by cluster, three lower bounds.
 
-    `projection=None` is brute force: contiguous tiles of `cluster_size` rows instead of clusters, the fine bound only
-    (in `dtype`, fp32 or bf16). `order[i]` is the original index of sorted bank row i. `abs_margin` covers the
-    rounding of the float64 reference distances.
+    `projection=None` is brute force: the fine bound only (in `dtype`, fp32 or bf16), over tiles of `cluster_size`
+    bank rows (a multiple of `BLOCK`); the minima of column blocks give each query's threshold and rule out most
+    blocks. `order[i]` is the original index of sorted bank
+    row i. `abs_margin` covers the rounding of the float64 reference distances.
     """
 
     def __init__(
@@ -83,8 +84,9 @@ class ClusteredBounds:
             self.coarse = None
             self.order = torch.arange(n, device=device)
             self.fine = LowerBound(vectors, None, dtype)
-            self.starts = list(range(0, n, cluster_size))
-            self.stops = [*self.starts[1:], n]
+            self.fine.fold(BLOCK)
+            # a bank of at most two tiles is one product: splitting it only loosens the first tile's threshold
+            self.tile = cluster_size if n > 2 * cluster_size else len(self.fine.features)
             return
         self.coarse = LowerBound(vectors, projection)
         dims = projection.axes.shape[1]
@@ -128,13 +130,11 @@ class ClusteredBounds:
 
     def candidates(self, queries: torch.Tensor, k: int, probes: int) -> tuple[torch.Tensor, ...]:
         """Pairs that may be among the k nearest: (rows, sorted bank rows, lower bound, upper bound) float64."""
+        if self.coarse is None:
+            return self._dense_candidates(queries, k)
         n_q, device = len(queries), queries.device
-        if self.coarse is None:  # brute force: every tile, the first ones probed
-            lower = torch.zeros(n_q, len(self.starts), device=device)
-            centre_sq = torch.arange(len(self.starts), device=device).float().expand_as(lower)
-        else:
-            coarse_q, offset = self.coarse.query_features(queries)
-            lower, centre_sq = self.cluster_bounds(self.coarse.features_of(queries)[0])
+        coarse_q, offset = self.coarse.query_features(queries)
+        lower, centre_sq = self.cluster_bounds(self.coarse.features_of(queries)[0])
         fine_q, fine_offset = self.fine.query_features(queries)
         probe = centre_sq.topk(min(probes, centre_sq.shape[1]), dim=1, largest=False).indices
         best = torch.full((n_q, k), float("inf"), dtype=torch.float64, device=device)
@@ -142,19 +142,17 @@ class ClusteredBounds:
             upper = self._upper(self.fine.part(fine_q[qs], self.starts[j], self.stops[j]), qs, j, fine_offset, k)
             best[qs] = torch.cat([best[qs], upper], 1).topk(k, dim=1, largest=False).values
         threshold = best[:, -1]
-        if self.coarse is not None:
-            coarse_limit = bound_limit(threshold, offset, self.abs_margin)
+        coarse_limit = bound_limit(threshold, offset, self.abs_margin)
         fine_limit = bound_limit(threshold, fine_offset, self.abs_margin)
         found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for j, qs in self._groups(lower <= threshold[:, None]):
             start, stop = self.starts[j], self.stops[j]
-            if self.coarse is not None:
-                coarse = self.coarse.part(coarse_q[qs], start, stop)
-                rows = (coarse.amin(1) <= coarse_limit[qs]).nonzero().squeeze(1)
-                self.pairs[0] += coarse.numel()
-                if not len(rows):
-                    continue
-                qs = qs[rows]
+            coarse = self.coarse.part(coarse_q[qs], start, stop)
+            rows = (coarse.amin(1) <= coarse_limit[qs]).nonzero().squeeze(1)
+            self.pairs[0] += coarse.numel()
+            if not len(rows):
+                continue
+            qs = qs[rows]
             part = self.fine.part(fine_q[qs], start, stop)
             self.pairs[1] += part.numel()
             r, c = _below(part, fine_limit[qs])
@@ -163,6 +161,39 @@ class ClusteredBounds:
         self.pairs[2] += len(rows)
         low = part.double() + fine_offset[rows]
         return rows, cols, low, self._margin(low, rows, cols, fine_offset)
+
+    def _dense_candidates(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+        """`candidates` of brute force: the bank in tiles of `tile` rows, one product each; the minima of each tile's
+        `BLOCK`-column blocks are distinct pairs whose k smallest upper bounds so far give the threshold, and rule out
+        most blocks before pairs are listed. Later tiles only lower the threshold (the caller drops what it keeps)."""
+        fine_q, offset = self.fine.query_features(queries)
+        rows_of = torch.arange(len(queries), device=queries.device)[:, None]
+        best = torch.full((len(queries), k), float("inf"), dtype=torch.float64, device=queries.device)
+        found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for start in range(0, len(self.fine.features), self.tile):
+            part = self.fine.part(fine_q, start, start + self.tile)  # whole blocks: the bank is padded with +inf
+            self.pairs[1] += part.numel()
+            blocks = part.view(-1, BLOCK)  # row i * n_blocks + b: block b of query i
+            minima = blocks.amin(1).view(len(queries), -1)
+            n_blocks = minima.shape[1]
+            if n_blocks >= k:
+                chosen = minima.topk(k, dim=1, largest=False).indices
+                first = rows_of * n_blocks
+                low, at = blocks.index_select(0, (first + chosen).flatten()).view(len(queries), k, BLOCK).min(2)
+                cols = chosen * BLOCK + at
+            else:
+                low, cols = part.topk(min(k, part.shape[1]), dim=1, largest=False)
+            upper = self._margin(low.double() + offset[:, None], rows_of.expand_as(cols), cols + start, offset)
+            best = torch.cat([best, upper], 1).topk(k, dim=1, largest=False).values
+            limit = bound_limit(best[:, -1], offset, self.abs_margin)
+            r, b = (minima <= limit[:, None]).nonzero(as_tuple=True)
+            values = blocks.index_select(0, r * n_blocks + b)
+            rr, c = (values <= limit[r, None]).nonzero(as_tuple=True)
+            found.append((r[rr], start + b[rr] * BLOCK + c, values[rr, c]))
+        rows, cols, part = (torch.cat(x) for x in zip(*found, strict=True))
+        self.pairs[2] += len(rows)
+        low = part.double() + offset[rows]
+        return rows, cols, low, self._margin(low, rows, cols, offset)
 
     def _groups(self, mask: torch.Tensor):
         """(cluster, queries) for every non-empty cluster with at least one query set in mask (Q, C)."""

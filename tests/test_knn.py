@@ -14,7 +14,7 @@ from lit_imgcls.neighbors import KNNIndex, knn_search, knn_vote
 from lit_imgcls.neighbors_bounds import LowerBound, principal_axes
 from lit_imgcls.neighbors_clustered import ClusteredBounds
 from lit_imgcls.tasks import ImageClassifier, KNNClassifier, KNNMonitor
-from lit_imgcls.tasks.knn import penultimate_features
+from lit_imgcls.tasks.knn import count_once, penultimate_features
 from tests.conftest import QUIET, REPO, needs_cuda, needs_fashion_mnist, quiet_trainer, run_cli
 from tests.test_cli import read_metrics
 
@@ -141,9 +141,10 @@ def test_pruned_is_exact_with_clusters_smaller_than_k_and_many_chunks(monkeypatc
 
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("kind", ["uniform", "ties"])
-def test_brute_tiles_and_column_blocks_are_exact(monkeypatch, kind, bf16):
-    monkeypatch.setattr(neighbors, "BRUTE_TILE", 128)  # 11 full tiles ruled out by 64-column blocks, then a partial one
-    bank, queries = random_data(kind, 1500, 50, 24)
+@pytest.mark.parametrize("n_bank", [1500, 120])  # 24 column blocks of 64 (the last one padded); 2: fewer than k
+def test_brute_tiles_and_column_blocks_are_exact(monkeypatch, kind, bf16, n_bank):
+    monkeypatch.setattr(neighbors, "BRUTE_TILE", 128)  # 1500 rows: 12 tiles of 2 blocks (fewer than k=20); 120: 1 tile
+    bank, queries = random_data(kind, n_bank, 50, 24)
     for metric in ("euclidean", "cosine"):
         dist, idx = knn_search(queries, bank, 20, metric, chunk_size=16, bf16=bf16, strategy="brute")
         ref_dist, ref_idx = reference_search(queries, bank, 20, metric)
@@ -230,6 +231,56 @@ def test_checkpoint_features_and_monitor_rise_with_training(tmp_path):
     assert result["test/acc"] > 0.6
 
 
+def monitor_reference(model, dm, monitor) -> float:
+    """val/knn_acc recomputed the slow way: both feature passes again, float64 brute force, the same vote."""
+    net = model.net.eval()
+    features = penultimate_features(net)
+
+    def feats(indices):
+        images = dm.transform_batch({"image": dm.train_set.images[indices]}, train=False)["image"]
+        with torch.no_grad():
+            return features(images).float(), dm.train_set.targets[indices]
+
+    bank, bank_y = feats(dm.train_indices[: monitor.bank_size])
+    queries, query_y = feats(dm.val_indices)
+    dist, idx = reference_search(queries, bank, monitor.k, monitor.metric)
+    probs = knn_vote(dist, bank_y[idx], 10, monitor.weights, monitor.temperature, monitor.metric)
+    return (probs.argmax(1) == query_y).double().mean().item()
+
+
+@pytest.mark.parametrize("use_hook", [True, False])
+def test_monitor_equals_a_brute_force_recomputation(tmp_path, use_hook):
+    pl.seed_everything(0)
+    dm = ImageDataModule(val_size=301, train_subset=1500, batch_size=64, augment="none")
+    model = ImageClassifier("lenet5")
+    monitor = KNNMonitor(bank_size=700, batch_size=128)  # bank passes of 128, 128, ..., 60 images
+    monitor.use_hook = use_hook
+    trainer = quiet_trainer(max_epochs=1, callbacks=[monitor], default_root_dir=tmp_path)
+    trainer.fit(model, dm)
+    assert monitor.use_hook is use_hook and monitor.hook_checked is use_hook  # the hook's features passed the check
+    assert trainer.callback_metrics["val/knn_acc"].item() == pytest.approx(monitor_reference(model, dm, monitor))
+    assert monitor._hook is None and not model.net.get_classifier()._forward_pre_hooks
+
+
+def test_monitor_skips_epochs_and_sanity_checks(tmp_path):
+    dm = ImageDataModule(val_size=100, train_subset=300, batch_size=100, augment="none")
+    monitor = KNNMonitor(every_n_epochs=2, bank_size=200)
+    logged = []
+    monitor.evaluate = lambda trainer, *_: logged.append(trainer.current_epoch) or 0.5
+    trainer = quiet_trainer(max_epochs=4, callbacks=[monitor], default_root_dir=tmp_path, num_sanity_val_steps=1)
+    trainer.fit(ImageClassifier("lenet5"), dm)
+    assert logged == [1, 3]
+    with pytest.raises(ConfigError, match="every_n_epochs must be at least 1"):
+        KNNMonitor(every_n_epochs=0)
+
+
+def test_count_once_drops_sampler_padding():
+    # DistributedSampler over 5 images on 2 ranks: rank 0 sees 0, 2, 4; rank 1 sees 1, 3 and 0 again (padding)
+    index = torch.tensor([0, 2, 4, 1, 3, 0])
+    correct = torch.tensor([1, 0, 1, 1, 1, 0])
+    assert count_once(correct, index) == (4, 5)
+
+
 @pytest.mark.slow
 def test_ddp_knn_matches_one_process(tmp_path):
     n_test = 1001
@@ -244,6 +295,24 @@ def test_ddp_knn_matches_one_process(tmp_path):
     padding = -n_test % 2
     assert abs(results["ddp"] - results["single"]) <= padding / (n_test + padding) + 1e-6
     assert results["single"] > 0.7
+
+
+@pytest.mark.slow
+def test_ddp_monitor_equals_one_process(tmp_path):
+    """301 validation images on 2 ranks: the sampler repeats one image, which must not be counted twice. The network
+    is the config's seeded initialisation, the same in both runs."""
+    lenet = str(REPO / "configs" / "fashion_mnist" / "lenet5.yaml")
+    args = ["--data.val_size=301", "--data.train_subset=1500", "--data.batch_size=64"]
+    monitor = ["--trainer.callbacks+=lit_imgcls.tasks.KNNMonitor", "--trainer.callbacks.init_args.bank_size=700"]
+    ddp = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+    results = {}
+    for name, extra in (("single", ["--trainer.accelerator=cpu"]), ("ddp", ddp)):
+        run = run_cli("validate", "--config", lenet, *args, *monitor, *extra, *QUIET, cwd=tmp_path / name)
+        assert run.returncode == 0, run.stderr[-3000:]
+        (version,) = (tmp_path / name / "runs" / "fashion_mnist_lenet5").glob("version_*")
+        results[name] = read_metrics(version)["val/knn_acc"]
+    assert results["ddp"] == pytest.approx(results["single"], abs=1e-6)
+    assert round(results["single"] * 301) == pytest.approx(results["single"] * 301, abs=1e-4)  # hits / 301 images
 
 
 @pytest.mark.slow
