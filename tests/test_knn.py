@@ -14,7 +14,8 @@ from lit_imgcls.neighbors import KNNIndex, knn_search, knn_vote
 from lit_imgcls.neighbors_bounds import LowerBound, principal_axes
 from lit_imgcls.neighbors_clustered import ClusteredBounds
 from lit_imgcls.tasks import ImageClassifier, KNNClassifier, KNNMonitor
-from lit_imgcls.tasks.knn import count_once, penultimate_features
+from lit_imgcls.tasks.knn import penultimate_features
+from lit_imgcls.tasks.knn_monitor import count_once
 from tests.conftest import QUIET, REPO, needs_cuda, needs_fashion_mnist, quiet_trainer, run_cli
 from tests.test_cli import read_metrics
 
