@@ -156,8 +156,8 @@ def test_ddp_validation_matches_one_process(tmp_path):
     """A 2-rank fit of the shipped config (LeNet-5, tiny data): its val/acc is that of its checkpoint validated in one
     process, up to the one image DistributedSampler repeats."""
     tiny = [*TINY_DATA, "--model.init_args.model=lenet5", "--trainer.max_epochs=1", "--trainer.limit_train_batches=4"]
-    # the config's callbacks without EMAWeightAveraging: under DDP its AveragedModel fails to deepcopy the task
-    # ("cannot pickle '_thread.lock' object"; configs/fashion_mnist/fast_resnet.yaml too), a bug outside FixMatch
+    # the config's callbacks without EMAWeightAveraging: under CLI + DDP its AveragedModel cannot deepcopy any task on
+    # rank 0 (the jsonargparse partial in `optimizer_factory` holds a lock; fast_resnet.yaml too): not a FixMatch bug
     callbacks = yaml.safe_load(Path(CONFIG).read_text())["trainer"]["callbacks"]
     kept = [c for c in callbacks if not c["class_path"].endswith("EMAWeightAveraging")]
     tiny.append(f"--trainer.callbacks={json.dumps(kept)}")
