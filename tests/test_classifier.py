@@ -1,3 +1,7 @@
+import copy
+import threading
+from functools import partial
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -104,3 +108,18 @@ def test_fit_after_validate_on_the_same_module():
     trainer.validate(model, dm, verbose=False)
     trainer.fit(model, dm)
     assert "val/acc" in trainer.callback_metrics
+
+
+def test_deepcopy_shares_the_optimizer_factory_and_copies_the_network():
+    """Weight averaging deep-copies the task: the factories (which can hold locks under CLI + DDP) are shared."""
+    lock = threading.Lock()
+
+    def sgd_with_a_lock(params, lock=lock):
+        return torch.optim.SGD(params, lr=0.1)
+
+    task = ImageClassifier("lenet5", optimizer=partial(sgd_with_a_lock, lock=lock))
+    twin = copy.deepcopy(task)
+    assert twin.optimizer_factory is task.optimizer_factory
+    assert type(twin) is ImageClassifier and twin.hparams == task.hparams
+    for original, copied in zip(task.parameters(), twin.parameters(), strict=True):
+        assert copied is not original and torch.equal(copied, original)

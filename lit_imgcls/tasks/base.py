@@ -7,6 +7,7 @@ declared here reach a subclass through `**kwargs`, which LightningCLI and `--pri
 from __future__ import annotations
 
 import inspect
+from copy import deepcopy
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,6 +23,7 @@ from lit_imgcls.models import create_model
 from lit_imgcls.models.weights import CLASSES_KEY, DATA_KEY
 
 STAGES = ("train", "val", "test")
+SHARED_ON_COPY = ("optimizer_factory", "scheduler_factory", "teacher")
 
 
 def strip_compile_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -263,6 +265,22 @@ class ClassificationTask(pl.LightningModule):
         steps = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ClassificationTask:
+        """A copy that shares, not copies, the optimizer/scheduler factories and a frozen teacher.
+
+        Weight averaging (`EMAWeightAveraging`) deep-copies the whole task. The factories LightningCLI builds can hold
+        locks in the process that launched DDP (`cannot pickle '_thread.lock' object`), and a teacher is frozen, so
+        a second copy of it would only cost memory.
+        """
+        for name in SHARED_ON_COPY:
+            value = self.__dict__.get(name)
+            if value is not None:
+                memo[id(value)] = value
+        copy = type(self).__new__(type(self))
+        memo[id(self)] = copy
+        copy.__setstate__(deepcopy(self.__getstate__(), memo))
+        return copy
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the data's class names (a transfer from this checkpoint knows whether its head fits) and its
