@@ -44,6 +44,13 @@ def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[list[float],
     return mean.tolist(), std.tolist()
 
 
+def _agrees(given: Any, stored: Any) -> bool:
+    """A data option equals a checkpoint's value (lists of floats within 1e-6)."""
+    if isinstance(stored, list):
+        return len(given) == len(stored) and all(abs(a - b) <= 1e-6 for a, b in zip(given, stored, strict=True))
+    return given == stored
+
+
 class ImageDataModule(LabeledUnlabeledMixin, pl.LightningDataModule):
     """Loads a dataset once as uint8 tensors and augments whole batches on the device.
 
@@ -265,7 +272,12 @@ class ImageDataModule(LabeledUnlabeledMixin, pl.LightningDataModule):
         n = len(self.train_set)
         n_val = hp.val_size if hp.val_size is not None else round(n * hp.val_fraction)
         if not 0 <= n_val < n:
-            raise ConfigError(f"validation size {n_val} must be smaller than the {n} training images")
+            option = (
+                f"data.val_size={hp.val_size}" if hp.val_size is not None else f"data.val_fraction={hp.val_fraction}"
+            )
+            raise ConfigError(
+                f"{option} gives {n_val} validation images: it must be in 0..{n - 1} ({n} training images)"
+            )
         generator = torch.Generator().manual_seed(hp.split_seed)
         permutation = torch.randperm(n, generator=generator)
         self.val_indices = permutation[:n_val].sort().values
@@ -285,6 +297,25 @@ class ImageDataModule(LabeledUnlabeledMixin, pl.LightningDataModule):
         self.std = list(hp.std) if hp.std is not None else std
         if len(self.mean) != self.image_shape[0] or len(self.std) != self.image_shape[0]:
             raise ConfigError(f"data.mean/std need {self.image_shape[0]} values, one per channel")
+
+    def use_checkpoint_data(
+        self, classes: list[str], mean: list[float], std: list[float], image_shape: list[int]
+    ) -> None:
+        """test/predict from a checkpoint: its class names, normalisation and image shape (C, H, W) stand in for the
+        training data, which is then never read; a data option that contradicts them is a ConfigError naming both."""
+        hp = self.hparams
+        stored = {"channels": image_shape[0], "image_size": image_shape[-1], "mean": list(mean), "std": list(std)}
+        for name, value in stored.items():
+            given = hp[name]
+            if given is not None and not _agrees(given, value):
+                raise ConfigError(
+                    f"data.{name}={given} but the checkpoint was trained with {name}={value}: "
+                    f"drop data.{name} (the checkpoint's value is used) or give the checkpoint trained with it"
+                )
+        hp.channels, hp.image_size = image_shape[0], image_shape[-1]
+        self.mean, self.std = list(mean), list(std)
+        empty = torch.empty((0, *image_shape), dtype=torch.uint8)
+        self.train_set = ImageTensors(empty, torch.empty(0, dtype=torch.long), tuple(classes))
 
     @property
     def classes(self) -> tuple[str, ...]:

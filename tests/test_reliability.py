@@ -1,0 +1,215 @@
+"""Reliability: clear errors for the usual mistakes, preemption (signal -> checkpoint, non-zero exit, resume into the
+same run folder), atomic checkpoint writes, predict from a checkpoint without the training data."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lit_imgcls.checkpoint_io import read_checkpoint
+from lit_imgcls.checks import check_input_size, check_learning_rates
+from lit_imgcls.data import ImageDataModule
+from lit_imgcls.data.datasets import load_image_folder
+from lit_imgcls.errors import ConfigError
+from lit_imgcls.models import create_model
+from lit_imgcls.preemption import Preempted, PreemptionCheckpoint, atomic_save
+from lit_imgcls.tasks import ImageClassifier
+from tests.conftest import QUIET, REPO, TINY_FIT, needs_fashion_mnist, quiet_trainer, run_cli
+
+CONFIG = str(REPO / "configs" / "fashion_mnist" / "lenet5.yaml")
+
+
+def test_hidden_files_and_folders_are_not_classes_or_images(image_folder):
+    hidden = image_folder / ".ipynb_checkpoints"
+    hidden.mkdir()
+    (image_folder / "Trouser" / ".cache").mkdir()
+    for target in (
+        hidden / "a.png",
+        image_folder / "Trouser" / ".cache" / "b.png",
+        image_folder / "Trouser" / ".c.png",
+    ):
+        target.write_bytes(next(image_folder.rglob("*.png")).read_bytes())
+    data = load_image_folder(image_folder, channels=1)
+    assert data.classes == ("Pullover", "T-shirt-top", "Trouser")
+    assert len(data) == 60 and not any("/." in source for source in data.sources)
+
+
+def test_too_small_input_names_small_input():
+    net = create_model("alexnet", 10, 1, False, False)
+    with pytest.raises(ConfigError, match=r"1x28x28 images .*--model.init_args.small_input=true"):
+        check_input_size(net, (1, 28, 28), small_input=False)
+    check_input_size(create_model("alexnet", 10, 1, False, True), (1, 28, 28), small_input=True)
+    assert net.training  # the check leaves the mode alone
+
+
+def test_negative_learning_rate_names_the_option():
+    config = {"model": {"init_args": {"optimizer": {"init_args": {"lr": -0.1, "momentum": 0.9}}}}}
+    with pytest.raises(ConfigError, match=r"model.init_args.optimizer.init_args.lr=-0.1 is negative"):
+        check_learning_rates(config)
+    check_learning_rates({"model": {"init_args": {"optimizer": {"init_args": {"lr": 0.1}}}}})
+
+
+def test_cli_negative_learning_rate(run_main):
+    err = run_main("fit", "--config", CONFIG, "--model.init_args.optimizer.init_args.lr=-0.1", *QUIET)
+    assert "model.init_args.optimizer.init_args.lr=-0.1" in err
+
+
+def test_unwritable_output_folder_names_the_option(run_main, tmp_path):
+    (tmp_path / "afile").write_text("")
+    err = run_main("fit", "--config", CONFIG, "--trainer.default_root_dir=afile/out", *QUIET)
+    assert "cannot write to the output folder afile/out" in err and "--trainer.default_root_dir" in err
+
+
+def test_missing_and_truncated_checkpoints(run_main, tmp_path):
+    err = run_main("test", "--config", CONFIG, "--ckpt_path=missing.ckpt", *QUIET)
+    assert "checkpoint missing.ckpt not found" in err
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, tmp_path / "whole.ckpt")
+    (tmp_path / "cut.ckpt").write_bytes((tmp_path / "whole.ckpt").read_bytes()[:500])
+    err = run_main("test", "--config", CONFIG, "--ckpt_path=cut.ckpt", *QUIET)
+    assert "checkpoint cut.ckpt could not be read" in err and "truncated" in err
+
+
+@needs_fashion_mnist
+def test_val_size_range_error_names_the_option(run_main):
+    err = run_main("fit", "--config", CONFIG, "--data.val_size=70000", *QUIET)
+    assert "data.val_size=70000" in err and "0..59999" in err
+
+
+@needs_fashion_mnist
+@pytest.mark.slow
+def test_checkpoint_of_another_architecture_names_both(run_main, tiny_run):
+    best = next((tiny_run / "checkpoints").glob("best-*.ckpt"))
+    err = run_main("test", "--config", CONFIG, "--model.init_args.model=cnn4", f"--ckpt_path={best}", *QUIET)
+    assert "model.init_args.model=lenet5" in err and "model=cnn4" in err
+
+
+@needs_fashion_mnist
+@pytest.mark.slow
+def test_predict_takes_data_from_checkpoint_without_training_data(image_folder, tmp_path):
+    train = tmp_path / "train"
+    image_folder.rename(train)
+    data = [
+        "--data.dataset=image_folder",
+        f"--data.data_dir={train}",
+        "--data.val_size=12",
+        "--model.init_args.num_classes=3",
+        "--trainer.max_epochs=1",
+        *QUIET,
+    ]
+    fit = run_cli("fit", "--config", CONFIG, *data, "--data.channels=1", cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    (best,) = tmp_path.glob("runs/fashion_mnist_lenet5/version_0/checkpoints/best-*.ckpt")
+    predict_dir = tmp_path / "new_images"
+    (train / "Trouser").rename(predict_dir)
+    for folder in train.iterdir():  # the training data is gone
+        for file in folder.iterdir():
+            file.unlink()
+    out = tmp_path / "pred.csv"
+    args = ["predict", "--config", CONFIG, *data, f"--data.predict_dir={predict_dir}", f"--ckpt_path={best}"]
+    predict = run_cli(*args, f"--prediction_writer.output={out}", cwd=tmp_path)
+    assert predict.returncode == 0, predict.stderr[-3000:]
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 20 and {r["predicted"] for r in rows} <= {"Pullover", "T-shirt-top", "Trouser"}
+    wrong = run_cli(*args, "--data.channels=3", cwd=tmp_path)
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert "data.channels=3 but the checkpoint was trained with channels=1" in wrong.stderr
+
+
+def test_atomic_save_survives_a_kill_during_the_write(tmp_path):
+    last = tmp_path / "last.ckpt"
+    atomic_save({"step": 1, "w": torch.arange(10)}, last)
+    child = f"""
+import os, signal, torch
+from lit_imgcls import preemption
+def dying_save(obj, f):
+    f.write(b"PK half a checkpoint")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+preemption.torch.save = dying_save
+preemption.atomic_save({{"step": 2}}, {str(last)!r})
+"""
+    result = subprocess.run([sys.executable, "-c", child], env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == -signal.SIGKILL
+    assert read_checkpoint(last)["step"] == 1  # the previous last.ckpt is intact and loads
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.ckpt"]
+    assert leftovers and all(name.startswith(".last.ckpt.tmp-") for name in leftovers)  # hidden, never "last"
+
+
+class SendSignal(pl.Callback):
+    """Sends `signum` to this process after training step `step`."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        self.signum, self.step = signum, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+@needs_fashion_mnist
+def test_sigusr1_checkpoints_at_the_step_and_requeues_under_slurm(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/scontrol.log\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    datamodule = ImageDataModule(train_subset=320, val_size=100, batch_size=32)
+    callback = PreemptionCheckpoint()
+    trainer = quiet_trainer(
+        max_epochs=1, default_root_dir=tmp_path, callbacks=[callback, SendSignal(signal.SIGUSR1, 3)]
+    )
+    with pytest.raises(Preempted) as stop:
+        trainer.fit(ImageClassifier(), datamodule=datamodule)
+    assert stop.value.signum == signal.SIGUSR1 and stop.value.step == 4  # the step running when the signal came
+    assert read_checkpoint(stop.value.path)["global_step"] == 4
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "77"]
+    assert signal.getsignal(signal.SIGUSR1) is not callback._handler  # handlers restored
+
+
+def read_rows(metrics_csv: Path) -> list[dict[str, str]]:
+    with metrics_csv.open() as f:
+        return list(csv.DictReader(f))
+
+
+@needs_fashion_mnist
+@pytest.mark.slow
+def test_sigterm_mid_epoch_checkpoints_exits_nonzero_and_resumes_in_the_same_run(tmp_path):
+    args = ["fit", "--config", CONFIG, *TINY_FIT, "--trainer.max_epochs=2", "--trainer.log_every_n_steps=5"]
+    args += ["--resume=auto", "--preemption.every_n_train_steps=8"]
+    run_dir = tmp_path / "runs" / "fashion_mnist_lenet5" / "version_0"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lit_imgcls", *args],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 240
+    while not (run_dir / "checkpoints" / "last.ckpt").is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "stopped by SIGTERM at step" in stderr and "--resume=auto" in stderr
+    stopped = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"]
+    assert 8 <= stopped < 31  # mid-epoch 0 (31 steps an epoch), at or after the first periodic checkpoint
+
+    resumed = run_cli(*args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"from step {stopped}" in resumed.stderr + resumed.stdout
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"]
+    final = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert final["global_step"] == 62 and final["epoch"] == 1
+    steps = [int(r["step"]) for r in read_rows(run_dir / "metrics.csv") if r["train/loss_step"]]
+    assert steps == sorted(set(steps)) and steps[0] < stopped < steps[-1]  # one history, no step twice
+    assert sum(bool(r["val/acc"]) for r in read_rows(run_dir / "metrics.csv")) == 2
