@@ -33,6 +33,7 @@ from lit_imgcls.preemption import (
     resume_latest_run,
 )
 from lit_imgcls.report import TestReport
+from lit_imgcls.resume import ExactResume
 
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")  # --ckpt_path values Lightning resolves itself
 
@@ -92,9 +93,9 @@ class LitImgClsCLI(LightningCLI):
         check_learning_rates(config.as_dict())
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        """The Trainer, with the input-size check and atomic checkpoint writes."""
+        """The Trainer, with the input-size check, exact resume and atomic checkpoint writes."""
         trainer = super().instantiate_trainer(**kwargs)
-        trainer.callbacks.append(InputSizeCheck())
+        trainer.callbacks.extend([InputSizeCheck(), ExactResume()])
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer

@@ -153,6 +153,9 @@ class PreemptionCheckpoint(Callback):
         if not due:
             return
         path = last_checkpoint_path(trainer)
+        callback = trainer.checkpoint_callback
+        if isinstance(callback, ModelCheckpoint) and callback.save_last:
+            callback.last_model_path = str(path)  # its next `last` overwrites this file instead of adding last-v1
         trainer.save_checkpoint(path)
         self._last_write = time.monotonic()
         stop = self.received is not None

@@ -213,3 +213,47 @@ def test_sigterm_mid_epoch_checkpoints_exits_nonzero_and_resumes_in_the_same_run
     steps = [int(r["step"]) for r in read_rows(run_dir / "metrics.csv") if r["train/loss_step"]]
     assert steps == sorted(set(steps)) and steps[0] < stopped < steps[-1]  # one history, no step twice
     assert sum(bool(r["val/acc"]) for r in read_rows(run_dir / "metrics.csv")) == 2
+
+
+def run_fit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`lit-imgcls fit ARGS` in `cwd`, importing this checkout (and its tests' helper callbacks)."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "lit_imgcls", "fit", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def epoch_metrics(metrics_csv: Path) -> dict[tuple[str, str], str]:
+    """(epoch, metric) -> value of every epoch-level metric (train/acc, val/loss, ...) of a metrics.csv."""
+    values = {}
+    for row in read_rows(metrics_csv):
+        for key, value in row.items():
+            if value and key not in ("epoch", "step", "train/loss_step", "lr-SGD"):
+                values[row["epoch"], key] = value
+    return values
+
+
+@needs_fashion_mnist
+@pytest.mark.slow
+def test_sigkill_mid_epoch_resume_ends_bit_identical(tmp_path):
+    args = ["--config", CONFIG, *TINY_FIT, "--trainer.max_epochs=2", "--preemption.every_n_train_steps=5"]
+    whole = run_fit(*args, cwd=tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    kill = ["--trainer.callbacks+=tests.reliability_helpers.SignalAtStep", "--trainer.callbacks.step=43"]
+    killed = run_fit(*args, "--resume=auto", *kill, cwd=tmp_path / "killed")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    run_dir = tmp_path / "killed" / "runs" / "fashion_mnist_lenet5" / "version_0"
+    assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 40  # epoch 1, batch 9 of 31
+    resumed = run_fit(*args, "--resume=auto", cwd=tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    whole_dir = tmp_path / "whole" / "runs" / "fashion_mnist_lenet5" / "version_0"
+    expected, got = (read_checkpoint(d / "checkpoints" / "last.ckpt") for d in (whole_dir, run_dir))
+    assert got["global_step"] == expected["global_step"] == 62
+    assert expected["state_dict"].keys() == got["state_dict"].keys()
+    for name, tensor in expected["state_dict"].items():
+        assert torch.equal(tensor, got["state_dict"][name]), name
+    momentum = [[s["momentum_buffer"] for s in c["optimizer_states"][0]["state"].values()] for c in (expected, got)]
+    assert len(momentum[0]) == len(momentum[1]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(*momentum, strict=True))
+    assert epoch_metrics(run_dir / "metrics.csv") == epoch_metrics(whole_dir / "metrics.csv")

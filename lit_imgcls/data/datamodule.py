@@ -26,6 +26,7 @@ from lit_imgcls.data.datasets import (
 from lit_imgcls.data.mix import BatchMix, check_mix_options
 from lit_imgcls.data.semi import LabeledUnlabeledMixin, check_semi_options, class_balanced_split
 from lit_imgcls.errors import ConfigError
+from lit_imgcls.resume import ResumableRandomSampler
 
 DATASETS = ("fashion_mnist", *TORCHVISION_DATASETS, "image_folder")
 
@@ -341,7 +342,8 @@ class ImageDataModule(LabeledUnlabeledMixin, pl.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train,
+            sampler=ResumableRandomSampler(dataset) if train else None,  # exact mid-epoch resume (lit_imgcls.resume)
+            generator=torch.Generator() if train else None,  # its iterators leave the global RNG alone
             drop_last=train and len(dataset) > batch_size,
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,
