@@ -4,6 +4,7 @@ same run folder), atomic checkpoint writes, predict from a checkpoint without th
 import csv
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from lit_imgcls.models import create_model
 from lit_imgcls.preemption import Preempted, PreemptionCheckpoint, atomic_save
 from lit_imgcls.tasks import ImageClassifier
 from tests.conftest import QUIET, REPO, TINY_FIT, needs_fashion_mnist, quiet_trainer, run_cli
+from tests.test_cli import only_run_dir, read_metrics
 
 CONFIG = str(REPO / "configs" / "fashion_mnist" / "lenet5.yaml")
 
@@ -257,3 +259,57 @@ def test_sigkill_mid_epoch_resume_ends_bit_identical(tmp_path):
     assert len(momentum[0]) == len(momentum[1]) > 0
     assert all(torch.equal(a, b) for a, b in zip(*momentum, strict=True))
     assert epoch_metrics(run_dir / "metrics.csv") == epoch_metrics(whole_dir / "metrics.csv")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@needs_fashion_mnist
+@pytest.mark.slow
+def test_two_nodes_through_torchrun_match_one_process(tmp_path):
+    n_test = 1001  # odd: the distributed sampler pads one image on 2 ranks
+    data = ["--data.train_subset=1000", "--data.val_size=500", f"--data.test_subset={n_test}", "--data.batch_size=32"]
+    fit = ["--config", CONFIG, *data, "--trainer.max_epochs=2", *QUIET, "--test_after_fit=true"]
+    nodes = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=2", "--trainer.strategy=ddp"]
+    port = free_port()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    launchers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                f"--node_rank={rank}",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                "-m",
+                "lit_imgcls",
+                "fit",
+                *fit,
+                *nodes,
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [launcher.communicate(timeout=600)[0] for launcher in launchers]
+    assert [launcher.returncode for launcher in launchers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    (run_dir,) = (tmp_path / "runs" / "fashion_mnist_lenet5").glob("version_*")
+    two_nodes = read_metrics(run_dir)
+    assert two_nodes["test/acc"] > 0.4  # the 2-node fit learned (32 steps; chance is 0.1)
+
+    (best,) = (run_dir / "checkpoints").glob("best-*.ckpt")
+    single = run_cli("test", "--config", CONFIG, *data, *QUIET, f"--ckpt_path={best}", cwd=tmp_path / "single")
+    assert single.returncode == 0, single.stderr[-3000:]
+    single_acc = read_metrics(only_run_dir(tmp_path / "single"))["test/acc"]
+    padding = -n_test % 2  # each padded duplicate can move the 2-rank accuracy by at most 1 / (N + padding)
+    assert abs(two_nodes["test/acc"] - single_acc) <= padding / (n_test + padding) + 1e-6
