@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_imgcls.callbacks import PredictionWriter
 from lit_imgcls.checkpoint_io import read_checkpoint
@@ -208,6 +210,9 @@ def exit_on_user_error(run: Callable[[], object]) -> None:
     except Preempted as stop:
         print(f"lit-imgcls: {stop}", file=sys.stderr)
         sys.exit(128 + stop.signum)
+    except SIGTERMException:  # Lightning's own handler: SIGTERM before training started, nothing to save yet
+        print("lit-imgcls: stopped by SIGTERM before training started (no checkpoint to write)", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except Exception as err:
         user_error = _user_error(err)
         if user_error is None:
