@@ -69,26 +69,35 @@ class LitImgClsCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand:
             config = self.config[subcommand]
-            if subcommand == "fit" and config.get("resume") == "auto":
-                if config.get("ckpt_path"):
-                    raise ConfigError("give either --ckpt_path or --resume=auto, not both")
-                last = resume_latest_run(config)
-                if last is not None:
-                    config.ckpt_path = str(last)
-                    step = int(read_checkpoint(last).get("global_step", 0))
-                    run_dir = last.parent.parent
-                    self.resumed_metrics = (run_dir, metrics_before(run_dir / "metrics.csv", step))
-                    rank_zero_info(f"resuming {run_dir} from step {step} ({last})")
+            resumed = self._resume_run(config) if subcommand == "fit" and config.get("resume") == "auto" else None
             path = config.get("ckpt_path")
             if path and path not in LIGHTNING_CKPT_NAMES and not str(path).startswith("registry"):
-                checkpoint = read_checkpoint(path)
-                model = config.get("model")
-                model = model.as_dict() if hasattr(model, "as_dict") else model
-                compare_with_checkpoint(model, checkpoint.get("hyper_parameters", {}), str(path))
-                data, classes = checkpoint.get(DATA_KEY), checkpoint.get(CLASSES_KEY)
-                if data is not None and classes is not None:
-                    self.checkpoint_data = {**data, "classes": classes}
+                self._check_checkpoint(config, str(path), resumed)
         super()._parse_ckpt_path()
+
+    def _resume_run(self, config: Any) -> Path | None:
+        """`--resume=auto`: point the fit at the newest run folder's last.ckpt (None: a fresh run)."""
+        if config.get("ckpt_path"):
+            raise ConfigError("give either --ckpt_path or --resume=auto, not both")
+        last = resume_latest_run(config)
+        if last is not None:
+            config.ckpt_path = str(last)
+        return last
+
+    def _check_checkpoint(self, config: Any, path: str, resumed: Path | None) -> None:
+        """Read the checkpoint once: refuse another model, keep what it says about its data (test/predict) and,
+        when resuming, the run's metrics logged before its step."""
+        checkpoint = read_checkpoint(path)
+        model = config.get("model")
+        model = model.as_dict() if hasattr(model, "as_dict") else model
+        compare_with_checkpoint(model, checkpoint.get("hyper_parameters", {}), path)
+        data, classes = checkpoint.get(DATA_KEY), checkpoint.get(CLASSES_KEY)
+        if data is not None and classes is not None:
+            self.checkpoint_data = {**data, "classes": classes}
+        if resumed is not None:
+            step, run_dir = int(checkpoint.get("global_step", 0)), resumed.parent.parent
+            self.resumed_metrics = (run_dir, metrics_before(run_dir / "metrics.csv", step))
+            rank_zero_info(f"resuming {run_dir} from step {step} ({resumed})")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -103,7 +112,7 @@ class LitImgClsCLI(LightningCLI):
         return trainer
 
     def after_instantiate_classes(self) -> None:
-        """Refuse an output folder that cannot be written before any work starts."""
+        """Refuse an output folder that cannot be written before any work starts; a resumed run keeps its metrics."""
         if self.subcommand is None:
             return
         check_writable(self.trainer.default_root_dir, "--trainer.default_root_dir")

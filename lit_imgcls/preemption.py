@@ -92,7 +92,7 @@ class PreemptionCheckpoint(Callback):
     every `every_n_train_steps` steps / `every_n_minutes` minutes, so `--resume=auto` continues from that step.
 
     A signal stops the fit after the write with `Preempted` (exit status 128 + signal: 143 for SIGTERM, 138 for
-    SIGUSR1). Under SLURM (SLURM_JOB_ID set), SIGUSR1 also requeues the job (`#SBATCH --signal=B:USR1@120`, see
+    SIGUSR1). Under SLURM (SLURM_JOB_ID set), SIGUSR1 also requeues the job (`#SBATCH --signal=USR1@120`, see
     scripts/slurm/). Under DDP the ranks agree on the step (one all-reduce of a flag per step).
 
     Args:
@@ -140,14 +140,7 @@ class PreemptionCheckpoint(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        due = self.received is not None
-        periodic = not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch  # the epoch's own checkpoint follows
-        due |= periodic and self.every_n_train_steps is not None and step % self.every_n_train_steps == 0
-        due |= (
-            periodic
-            and self.every_n_minutes is not None
-            and time.monotonic() - self._last_write >= 60 * self.every_n_minutes
-        )
+        due = self.received is not None or self._periodic_due(trainer)
         if trainer.world_size > 1:
             due = trainer.strategy.reduce_boolean_decision(due, all=False)
         if not due:
@@ -166,6 +159,14 @@ class PreemptionCheckpoint(Callback):
             if signum == signal.SIGUSR1 and trainer.is_global_zero:
                 requeue_slurm_job()
             raise Preempted(signum, step, path)
+
+    def _periodic_due(self, trainer: pl.Trainer) -> bool:
+        """A step or time checkpoint is due (never at an epoch's last batch: the epoch's own checkpoint follows)."""
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return False
+        steps = self.every_n_train_steps is not None and trainer.global_step % self.every_n_train_steps == 0
+        minutes = self.every_n_minutes is not None and time.monotonic() - self._last_write >= 60 * self.every_n_minutes
+        return steps or minutes
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore_handlers()
