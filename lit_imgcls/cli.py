@@ -12,6 +12,7 @@ from typing import Any, Literal, NamedTuple
 from unittest import mock
 
 import lightning.pytorch as pl
+from jsonargparse import Namespace
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -37,6 +38,7 @@ from lit_imgcls.preemption import (
 from lit_imgcls.report import TestReport
 from lit_imgcls.resume import ExactResume
 
+ROOT_DIR = "{default_root_dir}"  # in a config's trainer options: the run's trainer.default_root_dir
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")  # --ckpt_path values Lightning resolves itself
 
 
@@ -64,9 +66,10 @@ class LitImgClsCLI(LightningCLI):
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
 
     def _parse_ckpt_path(self) -> None:
-        """Resolve `--resume=auto`, refuse a missing or unreadable checkpoint and one of another model (naming
-        both), then let LightningCLI take the checkpoint's remaining model options."""
+        """Expand `{default_root_dir}`, resolve `--resume=auto`, refuse a missing or unreadable checkpoint and one
+        of another model (naming both), then let LightningCLI take the checkpoint's remaining model options."""
         subcommand = self.config.get("subcommand")
+        expand_root_dir(self.config[subcommand] if subcommand else self.config)
         if subcommand:
             config = self.config[subcommand]
             resumed = self._resume_run(config) if subcommand == "fit" and config.get("resume") == "auto" else None
@@ -139,6 +142,28 @@ class LitImgClsCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):
             evaluate_best_checkpoint(self.trainer, self.model, self.datamodule)
+
+
+def expand_root_dir(config: Any) -> None:
+    """Replace `{default_root_dir}` in every string option under `trainer` (the loggers' `save_dir`, a checkpoint
+    `dirpath`) by `trainer.default_root_dir`, so that one option decides where a run writes."""
+    trainer = config.get("trainer") if hasattr(config, "get") else None
+    if trainer is None:
+        return
+    _expand(trainer, str(trainer.get("default_root_dir") or "."))
+
+
+def _expand(value: Any, root: str) -> Any:
+    if isinstance(value, str):
+        return value.replace(ROOT_DIR, root)
+    if isinstance(value, list):
+        return [_expand(item, root) for item in value]
+    if isinstance(value, dict):
+        return {key: _expand(item, root) for key, item in value.items()}
+    if isinstance(value, Namespace):
+        for key, item in vars(value).items():
+            setattr(value, key, _expand(item, root))
+    return value
 
 
 def evaluate_best_checkpoint(

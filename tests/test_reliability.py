@@ -3,11 +3,14 @@ missing, truncated or other-architecture checkpoints, range errors naming the op
 and test/predict that take the data's description from the checkpoint (docs/reliability.md)."""
 
 import csv
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from lit_imgcls.checks import check_input_size, check_learning_rates
+from lit_imgcls.cli import instantiate_from_config
 from lit_imgcls.data.datasets import load_image_folder
 from lit_imgcls.errors import ConfigError
 from lit_imgcls.models import create_model
@@ -110,3 +113,16 @@ def test_predict_takes_data_from_checkpoint_without_training_data(image_folder, 
     wrong = run_cli(*args, "--data.channels=3", cwd=tmp_path)
     assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
     assert "data.channels=3 but the checkpoint was trained with channels=1" in wrong.stderr
+
+
+def test_default_root_dir_alone_decides_where_a_run_writes(tmp_path):
+    for config in sorted((REPO / "configs").glob("*/*.yaml")):
+        loggers = (yaml.safe_load(config.read_text()).get("trainer") or {}).get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers] if isinstance(loggers, dict) else []:
+            assert logger["init_args"]["save_dir"].startswith("{default_root_dir}"), config
+    root = tmp_path / "scratch"
+    trainer = instantiate_from_config(CONFIG, {"trainer.default_root_dir": str(root)}).trainer
+    assert [Path(logger.log_dir) for logger in trainer.loggers] == [
+        root / "fashion_mnist_lenet5" / "version_0",
+        root / "tensorboard" / "fashion_mnist_lenet5" / "version_0",
+    ]
