@@ -42,6 +42,16 @@ def test_too_small_input_names_small_input():
     assert net.training  # the check leaves the mode alone
 
 
+def test_input_check_leaves_other_errors_to_the_run():
+    class Broken(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("not about sizes")
+
+    check_input_size(Broken(), (1, 28, 28), small_input=False)  # no ConfigError: the real run reports it
+    bf16 = create_model("lenet5", 10, 1, False, False).to(torch.bfloat16)
+    check_input_size(bf16, (1, 28, 28), small_input=None)  # input made in the network's dtype
+
+
 def test_negative_learning_rate_names_the_option():
     config = {"model": {"init_args": {"optimizer": {"init_args": {"lr": -0.1, "momentum": 0.9}}}}}
     with pytest.raises(ConfigError, match=r"model.init_args.optimizer.init_args.lr=-0.1 is negative"):
