@@ -18,4 +18,7 @@ def read_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:
-        raise UserError(f"checkpoint {path} could not be read ({error}): is it a PyTorch checkpoint?") from error
+        raise UserError(
+            f"checkpoint {path} could not be read ({error}): it is truncated or not a PyTorch checkpoint; "
+            "use another one (best-*.ckpt or last.ckpt of the same run)"
+        ) from error

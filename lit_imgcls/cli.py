@@ -4,37 +4,166 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 from unittest import mock
 
 import lightning.pytorch as pl
+from jsonargparse import Namespace
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_imgcls.callbacks import PredictionWriter
+from lit_imgcls.checkpoint_io import read_checkpoint
+from lit_imgcls.checks import InputSizeCheck, check_learning_rates, check_writable, compare_with_checkpoint
 from lit_imgcls.commands import COMMANDS, run_command
 from lit_imgcls.data import ImageDataModule
-from lit_imgcls.errors import UserError
+from lit_imgcls.errors import ConfigError, UserError
+from lit_imgcls.models.weights import CLASSES_KEY, DATA_KEY
+from lit_imgcls.preemption import (
+    AtomicCheckpointIO,
+    Preempted,
+    PreemptionCheckpoint,
+    keep_metrics,
+    metrics_before,
+    resume_latest_run,
+)
 from lit_imgcls.report import TestReport
+from lit_imgcls.resume import ExactResume
+
+ROOT_DIR = "{default_root_dir}"  # in a config's trainer options: the run's trainer.default_root_dir
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")  # --ckpt_path values Lightning resolves itself
 
 
 class LitImgClsCLI(LightningCLI):
-    """Adds `--test_after_fit` (test the best checkpoint when `fit` ends), a configurable prediction writer and
-    the test report (`--report.*`, written by every `test`)."""
+    """Adds `--test_after_fit` (test the best checkpoint when `fit` ends), a configurable prediction writer, the
+    test report (`--report.*`, written by every `test`), preemption-safe fits (`--preemption.*`, `--resume=auto`),
+    atomic checkpoint writes, and checks that answer the usual mistakes with one ConfigError."""
+
+    checkpoint_data: dict[str, Any] | None = None  # what the --ckpt_path checkpoint says about its data
+    resumed_metrics: tuple[Path, list[dict[str, str]]] | None = None  # --resume=auto: the run's metrics so far
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--test_after_fit", type=bool, default=False, help="After fit, run test on the best checkpoint."
         )
+        parser.add_argument(
+            "--resume",
+            type=Literal["never", "auto"],
+            default="never",
+            help="fit: auto continues the newest run folder of this config from its last.ckpt (same folder, "
+            "same metrics.csv), or starts a fresh run when there is none.",
+        )
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
         parser.add_lightning_class_args(TestReport, "report")
+        parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
+
+    def _parse_ckpt_path(self) -> None:
+        """Expand `{default_root_dir}`, resolve `--resume=auto`, refuse a missing or unreadable checkpoint and one
+        of another model (naming both), then let LightningCLI take the checkpoint's remaining model options."""
+        subcommand = self.config.get("subcommand")
+        expand_root_dir(self.config[subcommand] if subcommand else self.config)
+        if subcommand:
+            config = self.config[subcommand]
+            resumed = self._resume_run(config) if subcommand == "fit" and config.get("resume") == "auto" else None
+            path = config.get("ckpt_path")
+            if path and path not in LIGHTNING_CKPT_NAMES and not str(path).startswith("registry"):
+                self._check_checkpoint(config, str(path), resumed)
+        super()._parse_ckpt_path()
+
+    def _resume_run(self, config: Any) -> Path | None:
+        """`--resume=auto`: point the fit at the newest run folder's last.ckpt (None: a fresh run)."""
+        if config.get("ckpt_path"):
+            raise ConfigError("give either --ckpt_path or --resume=auto, not both")
+        last = resume_latest_run(config)
+        if last is not None:
+            config.ckpt_path = str(last)
+        return last
+
+    def _check_checkpoint(self, config: Any, path: str, resumed: Path | None) -> None:
+        """Read the checkpoint once: refuse another model, keep what it says about its data (test/predict) and,
+        when resuming, the run's metrics logged before its step."""
+        checkpoint = read_checkpoint(path)
+        model = config.get("model")
+        model = model.as_dict() if hasattr(model, "as_dict") else model
+        compare_with_checkpoint(model, checkpoint.get("hyper_parameters", {}), path)
+        data, classes = checkpoint.get(DATA_KEY), checkpoint.get(CLASSES_KEY)
+        if data is not None and classes is not None:
+            self.checkpoint_data = {**data, "classes": classes}
+        if resumed is not None:
+            step, run_dir = int(checkpoint.get("global_step", 0)), resumed.parent.parent
+            self.resumed_metrics = (run_dir, metrics_before(run_dir / "metrics.csv", step))
+            rank_zero_info(f"resuming {run_dir} from step {step} ({resumed})")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_learning_rates(config.as_dict())
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        """The Trainer, with the input-size check, exact resume and atomic checkpoint writes."""
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.extend([InputSizeCheck(), ExactResume()])
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def after_instantiate_classes(self) -> None:
+        """Refuse an output folder that cannot be written before any work starts; a resumed run keeps its metrics."""
+        if self.subcommand is None:
+            return
+        check_writable(self.trainer.default_root_dir, "--trainer.default_root_dir")
+        for logger in self.trainer.loggers:
+            if logger.save_dir is not None:
+                check_writable(logger.save_dir, f"the save_dir of trainer.logger {type(logger).__name__}")
+        if self.resumed_metrics is not None:
+            run_dir, rows = self.resumed_metrics
+            for logger in self.trainer.loggers:
+                if isinstance(logger, CSVLogger) and Path(logger.log_dir).resolve() == run_dir.resolve():
+                    keep_metrics(logger, rows)
+
+    def take_checkpoint_data(self) -> None:
+        """test/predict: class names, channels, image size and normalisation come from the checkpoint."""
+        if self.checkpoint_data is not None and hasattr(self.datamodule, "use_checkpoint_data"):
+            self.datamodule.use_checkpoint_data(**self.checkpoint_data)
+
+    def before_test(self) -> None:
+        self.take_checkpoint_data()
+
+    def before_predict(self) -> None:
+        self.take_checkpoint_data()
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):
             evaluate_best_checkpoint(self.trainer, self.model, self.datamodule)
+
+
+def expand_root_dir(config: Any) -> None:
+    """Replace `{default_root_dir}` in every string option under `trainer` (the loggers' `save_dir`, a checkpoint
+    `dirpath`) by `trainer.default_root_dir`, so that one option decides where a run writes."""
+    trainer = config.get("trainer") if hasattr(config, "get") else None
+    if trainer is None:
+        return
+    _expand(trainer, str(trainer.get("default_root_dir") or "."))
+
+
+def _expand(value: Any, root: str) -> Any:
+    if isinstance(value, str):
+        return value.replace(ROOT_DIR, root)
+    if isinstance(value, list):
+        return [_expand(item, root) for item in value]
+    if isinstance(value, dict):
+        return {key: _expand(item, root) for key, item in value.items()}
+    if isinstance(value, Namespace):
+        for key, item in vars(value).items():
+            setattr(value, key, _expand(item, root))
+    return value
 
 
 def evaluate_best_checkpoint(
@@ -109,9 +238,15 @@ def _user_error(err: BaseException) -> UserError | None:
 
 def exit_on_user_error(run: Callable[[], object]) -> None:
     """Call `run`; a mistake the tool recognises (a UserError) prints `lit-imgcls: error: ...` and exits 2,
-    without a traceback. Every command line of the project goes through here."""
+    without a traceback; a fit stopped by a signal exits 128 + signal. Every command line goes through here."""
     try:
         run()
+    except Preempted as stop:
+        print(f"lit-imgcls: {stop}", file=sys.stderr)
+        sys.exit(128 + stop.signum)
+    except SIGTERMException:  # Lightning's own handler: SIGTERM before training started, nothing to save yet
+        print("lit-imgcls: stopped by SIGTERM before training started (no checkpoint to write)", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except Exception as err:
         user_error = _user_error(err)
         if user_error is None:

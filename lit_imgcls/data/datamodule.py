@@ -26,8 +26,16 @@ from lit_imgcls.data.pipeline import BatchPipeline, PipelineOptions, normalizati
 from lit_imgcls.data.protocol import DataRequest, data_request
 from lit_imgcls.data.semi import LabeledUnlabeledMixin, check_split_options, class_balanced_split, train_val_split
 from lit_imgcls.errors import ConfigError
+from lit_imgcls.resume import ResumableRandomSampler
 
 DATASETS = ("fashion_mnist", *TORCHVISION_DATASETS, "image_folder")
+
+
+def _agrees(given: Any, stored: Any) -> bool:
+    """A data option equals a checkpoint's value (lists of floats within 1e-6)."""
+    if isinstance(stored, list):
+        return len(given) == len(stored) and all(abs(a - b) <= 1e-6 for a, b in zip(given, stored, strict=True))
+    return given == stored
 
 
 class ImageDataModule(LabeledUnlabeledMixin, pl.LightningDataModule):
@@ -198,6 +206,26 @@ class ImageDataModule(LabeledUnlabeledMixin, pl.LightningDataModule):
                 self.train_set.targets, self.train_indices, hp.labels_per_class, hp.labeled_fraction, hp.split_seed
             )
 
+    def use_checkpoint_data(
+        self, classes: list[str], mean: list[float], std: list[float], image_shape: list[int]
+    ) -> None:
+        """test/predict from a checkpoint: its class names, normalisation and image shape (C, H, W) stand in for the
+        training data, which is then never read; a data option that contradicts them is a ConfigError naming both."""
+        hp = self.hparams
+        stored = {"channels": image_shape[0], "image_size": image_shape[-1], "mean": list(mean), "std": list(std)}
+        for name, value in stored.items():
+            given = hp[name]
+            if given is not None and not _agrees(given, value):
+                raise ConfigError(
+                    f"data.{name}={given} but the checkpoint was trained with {name}={value}: "
+                    f"drop data.{name} (the checkpoint's value is used) or give the checkpoint trained with it"
+                )
+        hp.channels, hp.image_size = image_shape[0], image_shape[-1]
+        self.mean, self.std = list(mean), list(std)
+        empty = torch.empty((0, *image_shape), dtype=torch.uint8)
+        self.train_set = ImageTensors(empty, torch.empty(0, dtype=torch.long), tuple(classes))
+        self._pipeline = BatchPipeline(self.options, self.image_shape, self.num_classes, self.mean, self.std)
+
     @property
     def classes(self) -> tuple[str, ...]:
         return self._require_setup().classes
@@ -233,7 +261,8 @@ class ImageDataModule(LabeledUnlabeledMixin, pl.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train,
+            sampler=ResumableRandomSampler(dataset) if train else None,  # exact mid-epoch resume (lit_imgcls.resume)
+            generator=torch.Generator() if train else None,  # its iterators leave the global RNG alone
             drop_last=train and len(dataset) > batch_size,
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,

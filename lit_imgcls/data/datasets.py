@@ -185,9 +185,15 @@ def load_torchvision(name: str, data_dir: str | os.PathLike, train: bool, downlo
     return ImageTensors(images.contiguous(), torch.as_tensor(ds.targets, dtype=torch.int64), tuple(ds.classes))
 
 
+def is_hidden(path: Path, root: Path) -> bool:
+    """Whether `path` or a folder between `root` and it starts with '.' (`.ipynb_checkpoints/`, `.DS_Store`)."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
 def list_image_files(root: Path) -> list[Path]:
-    """Image files under `root` (recursive), sorted so the order is the same on every machine."""
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    """Image files under `root` (recursive, hidden files and folders skipped), sorted the same on every machine."""
+    files = (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(p, root))
+    return sorted(p for p in files if p.is_file())
 
 
 def decode_image(path: Path, channels: int, image_size: int | None) -> np.ndarray | None:
@@ -234,11 +240,12 @@ def _stack(images: list[np.ndarray], files: Sequence[Path], root: Path) -> torch
 def load_image_folder(
     root: str | os.PathLike, channels: int = 3, image_size: int | None = None, skip_corrupt: bool = False
 ) -> ImageTensors:
-    """A labeled folder `root/<class>/<image>`; classes are the sorted sub-folder names (as torchvision's)."""
+    """A labeled folder `root/<class>/<image>`; classes are the sorted sub-folder names (as torchvision's), hidden
+    ones (`.ipynb_checkpoints/`) skipped."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"image folder {root} does not exist: check data.data_dir (or data.test_dir)")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     files, labels = [], []
     for label, name in enumerate(classes):
         class_files = list_image_files(root / name)

@@ -23,7 +23,8 @@ def train_val_split(
     `seed`, the training part cut to its first `train_subset` of the same permutation."""
     n_val = val_size if val_size is not None else round(n * val_fraction)
     if not 0 <= n_val < n:
-        raise ConfigError(f"validation size {n_val} must be smaller than the {n} training images")
+        option = f"data.val_size={val_size}" if val_size is not None else f"data.val_fraction={val_fraction}"
+        raise ConfigError(f"{option} gives {n_val} validation images: it must be in 0..{n - 1} ({n} training images)")
     permutation = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     train = permutation[n_val:]
     if train_subset is not None:

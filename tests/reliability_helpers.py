@@ -1,0 +1,17 @@
+"""Callbacks that the reliability tests inject into CLI subprocesses (`--trainer.callbacks+=...`)."""
+
+import os
+import signal
+
+import lightning.pytorch as pl
+
+
+class SignalAtStep(pl.Callback):
+    """Sends `signal_name` to this process at the end of training step `step` (SIGKILL: dies there)."""
+
+    def __init__(self, step: int, signal_name: str = "SIGKILL") -> None:
+        self.step, self.signum = step, signal.Signals[signal_name]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
