@@ -143,7 +143,7 @@ def test_empty_unlabeled_set_is_a_clear_error(teacher_checkpoint, tmp_path):
 def test_ddp_generation_labels_like_one_process(teacher_checkpoint, tmp_path):
     # 10 labeling batches of 100, 5 per rank; balanced to 120 rows per predicted class
     ddp_args = [*TINY_DATA, *TINY_FIT, f"--model.init_args.teacher={teacher_checkpoint}"]
-    ddp_args += ["--model.init_args.per_class=120", "--data.eval_batch_size=100"]
+    ddp_args += ["--model.init_args.per_class=120", "--model.init_args.hard_labels=true", "--data.eval_batch_size=100"]
     ddp = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
     result = run_cli("fit", "--config", STUDENT, *ddp_args, *ddp, cwd=tmp_path / "ddp")
     assert result.returncode == 0, result.stderr[-3000:]
