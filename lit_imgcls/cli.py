@@ -192,6 +192,20 @@ CLI_OPTIONS: dict[str, Any] = dict(
 )
 
 
+def build_cli(args: Sequence[str], run: bool = False, **kwargs: Any) -> LitImgClsCLI:
+    """The one route from a config to objects: the `lit-imgcls` CLI for `args` (a subcommand first when `run`).
+
+    `lit-imgcls`, `instantiate_from_config`, the noisy-student runner and the tests all build through here, so they
+    share the parser, its defaults and its checks. Without `run`, the process's own `sys.argv` (pytest's, a Jupyter
+    kernel's, a runner's options) is hidden while it parses; with `run` (the command line) it stays, because DDP's
+    launcher re-runs the command from it. `kwargs` go to `LightningCLI` (e.g. `parser_kwargs`).
+    """
+    if run:
+        return LitImgClsCLI(**CLI_OPTIONS, run=True, args=list(args), **kwargs)
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        return LitImgClsCLI(**CLI_OPTIONS, run=False, args=list(args), **kwargs)
+
+
 class Experiment(NamedTuple):
     """What a config file builds: the task, the data and the Trainer, ready for `trainer.fit(model, datamodule)`."""
 
@@ -211,14 +225,8 @@ def instantiate_from_config(config: str | Path, overrides: Mapping[str, Any] | S
         overrides = [
             f"--{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in overrides.items()
         ]
-    try:  # the process's own argv (pytest's, a Jupyter kernel's) is not for this parser
-        with mock.patch.object(sys, "argv", sys.argv[:1]):
-            cli = LitImgClsCLI(
-                **CLI_OPTIONS,
-                run=False,
-                parser_kwargs={"exit_on_error": False},
-                args=["--config", str(config), *overrides],
-            )
+    try:
+        cli = build_cli(["--config", str(config), *overrides], parser_kwargs={"exit_on_error": False})
     except Exception as err:
         user_error = _user_error(err)
         if user_error is None or user_error is err:
@@ -260,5 +268,7 @@ def main(args: ArgsType = None) -> None:
     argv = sys.argv[1:] if args is None else list(args) if isinstance(args, list | tuple) else []
     if argv and argv[0] in COMMANDS:
         exit_on_user_error(lambda: run_command(argv))
-    else:
+    elif args is None or isinstance(args, list | tuple):
+        exit_on_user_error(lambda: build_cli(argv, run=True))
+    else:  # a dict or Namespace of options, as LightningCLI takes them
         exit_on_user_error(lambda: LitImgClsCLI(**CLI_OPTIONS, args=args))

@@ -20,36 +20,17 @@ import argparse
 import csv
 import shlex
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import lightning.pytorch as pl
 
-from lit_imgcls.cli import LitImgClsCLI, exit_on_user_error
+from lit_imgcls.cli import LitImgClsCLI, build_cli, exit_on_user_error
 from lit_imgcls.data import ImageDataModule
 from lit_imgcls.errors import ConfigError
 from lit_imgcls.tasks.checkpoints import load_task
 
 SUMMARY_FIELDS = ("generation", "architecture", "pseudo_labels_kept", "val_acc", "test_acc", "checkpoint")
-
-
-def build_cli(args: list[str]) -> LitImgClsCLI:
-    """The `lit-imgcls` CLI for `args` (a config and overrides, no subcommand), instantiated but not run.
-
-    `sys.argv` is hidden meanwhile: the runner's own options are not the CLI's (LightningCLI warns about both).
-    """
-    with mock.patch.object(sys, "argv", sys.argv[:1]):
-        return LitImgClsCLI(
-            pl.LightningModule,
-            ImageDataModule,
-            subclass_mode_model=True,
-            auto_configure_optimizers=False,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-            run=False,
-        )
 
 
 def evaluate(checkpoint: Path, datamodule: ImageDataModule) -> tuple[float, float]:

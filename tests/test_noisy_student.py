@@ -6,10 +6,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from lit_imgcls.cli import build_cli
 from lit_imgcls.data import ImageDataModule
 from lit_imgcls.data.augment import normalize, to_float
 from lit_imgcls.errors import ConfigError, UserError
-from lit_imgcls.noisy_student_run import build_cli, run_generations
+from lit_imgcls.noisy_student_run import run_generations
 from lit_imgcls.tasks import ImageClassifier, NoisyStudent
 from lit_imgcls.tasks.base import task_options
 from lit_imgcls.tasks.checkpoints import load_task_network, read_checkpoint

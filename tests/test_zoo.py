@@ -1,12 +1,10 @@
 """The seed's architectures: names, small-input stems, drop options, GoogLeNet's auxiliary loss, their configs."""
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import QUIET, REPO, needs_fashion_mnist
 
-from lit_imgcls.cli import LitImgClsCLI
-from lit_imgcls.data import ImageDataModule
+from lit_imgcls.cli import build_cli
 from lit_imgcls.errors import ConfigError
 from lit_imgcls.models import create_model
 from lit_imgcls.tasks import ImageClassifier
@@ -118,13 +116,7 @@ def test_config_fast_dev_run(config, tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["lit-imgcls"])
     args = ["--data.train_subset=64", "--data.val_size=64", "--data.batch_size=8", "--trainer.fast_dev_run=1"]
     config_path = REPO / "configs" / "fashion_mnist" / f"{config}.yaml"
-    cli = LitImgClsCLI(
-        pl.LightningModule,
-        ImageDataModule,
-        subclass_mode_model=True,
-        auto_configure_optimizers=False,
-        args=["fit", "--config", str(config_path), *args, *QUIET],
-    )
+    cli = build_cli(["fit", "--config", str(config_path), *args, *QUIET], run=True)
     assert cli.trainer.state.finished and cli.trainer.global_step == 1
     assert cli.model.hparams.model == SEED_ARCHITECTURES[config]
     assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])
