@@ -192,18 +192,20 @@ CLI_OPTIONS: dict[str, Any] = dict(
 )
 
 
-def build_cli(args: Sequence[str], run: bool = False, **kwargs: Any) -> LitImgClsCLI:
-    """The one route from a config to objects: the `lit-imgcls` CLI for `args` (a subcommand first when `run`).
+def build_cli(args: Sequence[str] | None, run: bool = False, **kwargs: Any) -> LitImgClsCLI:
+    """The one route from a config to objects: the `lit-imgcls` CLI for `args` (a subcommand first when `run`;
+    None: the process's command line).
 
     `lit-imgcls`, `instantiate_from_config`, the noisy-student runner and the tests all build through here, so they
     share the parser, its defaults and its checks. Without `run`, the process's own `sys.argv` (pytest's, a Jupyter
     kernel's, a runner's options) is hidden while it parses; with `run` (the command line) it stays, because DDP's
     launcher re-runs the command from it. `kwargs` go to `LightningCLI` (e.g. `parser_kwargs`).
     """
+    args = None if args is None else list(args)
     if run:
-        return LitImgClsCLI(**CLI_OPTIONS, run=True, args=list(args), **kwargs)
+        return LitImgClsCLI(**CLI_OPTIONS, run=True, args=args, **kwargs)
     with mock.patch.object(sys, "argv", sys.argv[:1]):
-        return LitImgClsCLI(**CLI_OPTIONS, run=False, args=list(args), **kwargs)
+        return LitImgClsCLI(**CLI_OPTIONS, run=False, args=args, **kwargs)
 
 
 class Experiment(NamedTuple):
@@ -269,6 +271,6 @@ def main(args: ArgsType = None) -> None:
     if argv and argv[0] in COMMANDS:
         exit_on_user_error(lambda: run_command(argv))
     elif args is None or isinstance(args, list | tuple):
-        exit_on_user_error(lambda: build_cli(argv, run=True))
+        exit_on_user_error(lambda: build_cli(args, run=True))
     else:  # a dict or Namespace of options, as LightningCLI takes them
         exit_on_user_error(lambda: LitImgClsCLI(**CLI_OPTIONS, args=args))
