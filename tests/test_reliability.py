@@ -127,7 +127,10 @@ def test_predict_takes_data_from_checkpoint_without_training_data(image_folder, 
 
 def test_default_root_dir_alone_decides_where_a_run_writes(tmp_path):
     for config in sorted((REPO / "configs").glob("*/*.yaml")):
-        loggers = (yaml.safe_load(config.read_text()).get("trainer") or {}).get("logger")
+        document = yaml.safe_load(config.read_text())
+        if config.parent.name == "base":  # fragments (a callbacks list, an optimizer) that configs load in place
+            continue
+        loggers = (document.get("trainer") or {}).get("logger")
         for logger in loggers if isinstance(loggers, list) else [loggers] if isinstance(loggers, dict) else []:
             assert logger["init_args"]["save_dir"].startswith("{default_root_dir}"), config
     root = tmp_path / "scratch"
