@@ -35,9 +35,10 @@ from lit_imgcls.tasks.distill import student_hparams
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "distill" / "labeled.yaml"
-DISTILL_OPTIONS = ("temperature", "alpha", "view")
+DISTILL_OPTIONS = ("temperature", "alpha", "view", "teacher_precision")
 DISTILL_OVERRIDES = tuple(
-    f"--model.init_args.{name}" for name in ("teacher", "temperature", "alpha", "teacher_view", "unlabeled_weight")
+    f"--model.init_args.{name}"
+    for name in ("teacher", "temperature", "alpha", "teacher_view", "teacher_precision", "unlabeled_weight")
 )
 QUIET = {
     "trainer.logger": False,
@@ -97,6 +98,7 @@ def main() -> None:
         "temperature": hp.temperature,
         "alpha": hp.alpha,
         "view": hp.teacher_view,
+        "teacher_precision": hp.teacher_precision,
         "overrides": args.overrides,
     }
     results_file = Path(args.results)

@@ -15,6 +15,7 @@ from lit_imgcls.tasks import DistillationModule, ImageClassifier, export_student
 from lit_imgcls.tasks.base import task_options
 from lit_imgcls.tasks.checkpoints import load_task, read_checkpoint
 from lit_imgcls.tasks.classifier import FINETUNE_OPTIONS
+from lit_imgcls.tasks.teacher import FrozenTeacher, has_native_bf16
 from tests.conftest import QUIET, REPO, needs_fashion_mnist, quiet_trainer, run_cli
 from tests.test_cli import read_metrics
 
@@ -223,6 +224,32 @@ def test_bad_options_raise_config_errors():
         DistillationModule(teacher="t.ckpt", method="mixed")
     with pytest.raises(ConfigError, match="alpha"):
         DistillationModule(teacher="t.ckpt", alpha=1.5)
+    with pytest.raises(ConfigError, match="teacher precision 'fp16': choose one of 32, bf16, auto"):
+        DistillationModule(teacher="t.ckpt", teacher_precision="fp16")
+
+
+def test_teacher_precision_bf16_autocasts_and_returns_the_students_dtype(teacher_ckpt):
+    """bf16 runs the teacher under bfloat16 autocast: float32 logits close to the float32 teacher's, not equal."""
+    images = torch.rand(64, 1, 28, 28)
+    logits = {}
+    for precision in ("32", "bf16"):
+        teacher = FrozenTeacher(str(teacher_ckpt), precision=precision)
+        teacher.load(num_classes=10, in_chans=1)
+        teacher.place(torch.device("cpu"), torch.float32)
+        logits[precision] = teacher(images)
+    assert logits["bf16"].dtype == torch.float32
+    assert not torch.equal(logits["bf16"], logits["32"])
+    torch.testing.assert_close(logits["bf16"], logits["32"], atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_teacher_precision_auto_uses_bf16_only_where_native_and_the_student_is_float32(teacher_ckpt, dtype):
+    teacher = FrozenTeacher(str(teacher_ckpt), precision="auto")
+    teacher.load(num_classes=10, in_chans=1)
+    teacher.place(torch.device("cpu"), dtype)
+    native = has_native_bf16(torch.device("cpu"))
+    assert teacher.autocast_dtype == (torch.bfloat16 if native and dtype == torch.float32 else None)
+    assert teacher(torch.rand(4, 1, 28, 28, dtype=dtype)).dtype == dtype
 
 
 def run_dir(cwd: Path, name: str) -> Path:

@@ -14,7 +14,7 @@ from lit_imgcls.errors import ConfigError, UserError
 from lit_imgcls.losses import kd_kl_divergence
 from lit_imgcls.tasks.base import ClassificationTask, task_options
 from lit_imgcls.tasks.classifier import ImageClassifier, drop_finetune_options
-from lit_imgcls.tasks.teacher import FrozenTeacher
+from lit_imgcls.tasks.teacher import FrozenTeacher, TeacherPrecision
 
 METHOD_DATA: dict[str, TrainData] = {"labeled": "labeled", "unlabeled": "unlabeled", "semi": "combined"}
 LIGHTNING_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
@@ -36,6 +36,8 @@ class DistillationModule(ClassificationTask):
         teacher_model: build the teacher with `create_model(teacher_model, num_classes, in_chans,
             **teacher_model_kwargs)` and load `teacher` into it.
         teacher_model_kwargs: extra arguments of that `create_model` call (e.g. `{small_input: true}`).
+        teacher_precision: `32`, `bf16` (the teacher under bfloat16 autocast) or `auto` (bf16 where the device has
+            native bfloat16); see `FrozenTeacher`.
         method: `labeled` (CE + KL on labeled batches), `unlabeled` (KL only on the unlabeled set, no labels used),
             `semi` (labeled and unlabeled loaders combined).
         temperature: softmax temperature T of the KL term.
@@ -57,6 +59,7 @@ class DistillationModule(ClassificationTask):
         teacher: str,
         teacher_model: str | None = None,
         teacher_model_kwargs: dict[str, Any] | None = None,
+        teacher_precision: TeacherPrecision = "32",
         method: Literal["labeled", "unlabeled", "semi"] = "labeled",
         temperature: float = 4.0,
         alpha: float = 0.9,
@@ -80,7 +83,7 @@ class DistillationModule(ClassificationTask):
         self.data_request = DataRequest(
             METHOD_DATA[method], clean_view=teacher_view == "clean" and method != "unlabeled"
         )
-        self.teacher = FrozenTeacher(teacher, teacher_model, teacher_model_kwargs)
+        self.teacher = FrozenTeacher(teacher, teacher_model, teacher_model_kwargs, teacher_precision)
         self.track_loss_terms("ce", "kd", "kd_unlabeled")
 
     def setup(self, stage: str) -> None:
