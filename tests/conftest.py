@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from lit_imgcls.cli import main
-from lit_imgcls.data.datasets import DEBIAN_FASHION_MNIST, FASHION_MNIST_CLASSES, ImageTensors, load_fashion_mnist
+from lit_imgcls.data.datasets import DEBIAN_FASHION_MNIST, FASHION_MNIST_CLASSES, load_fashion_mnist
+from lit_imgcls.data.tensors import ImageTensors
 
 REPO = Path(__file__).resolve().parents[1]
 if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lit_imgcls.cli import main
 from lit_imgcls.data import ImageDataModule
-from lit_imgcls.data.datasets import select_classes
+from lit_imgcls.data.tensors import select_classes
 from lit_imgcls.errors import ConfigError, UserError
 from lit_imgcls.models import LeNet5
 from lit_imgcls.tasks import ImageClassifier

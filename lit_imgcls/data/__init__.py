@@ -1,4 +1,4 @@
 from lit_imgcls.data.datamodule import ImageDataModule
-from lit_imgcls.data.datasets import ImageTensors, TensorImageDataset
+from lit_imgcls.data.tensors import ImageTensors, TensorImageDataset
 
 __all__ = ["ImageDataModule", "ImageTensors", "TensorImageDataset"]

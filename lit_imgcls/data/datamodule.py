@@ -12,23 +12,17 @@ from torch.utils.data import DataLoader
 
 from lit_imgcls.data.datasets import (
     TORCHVISION_DATASETS,
-    ImageTensors,
-    TensorImageDataset,
-    collate_batch,
     ensure_fashion_mnist,
-    load_fashion_mnist,
-    load_image_folder,
+    load_dataset,
     load_torchvision,
     load_unlabeled_folder,
-    select_classes,
 )
 from lit_imgcls.data.pipeline import BatchPipeline, PipelineOptions, normalization_stats
 from lit_imgcls.data.protocol import DataRequest, data_request
 from lit_imgcls.data.semi import LabeledUnlabeledMixin, check_split_options, class_balanced_split, train_val_split
+from lit_imgcls.data.tensors import ImageTensors, TensorImageDataset, collate_batch
 from lit_imgcls.errors import ConfigError
 from lit_imgcls.resume import ResumableRandomSampler
-
-DATASETS = ("fashion_mnist", *TORCHVISION_DATASETS, "image_folder")
 
 
 def _agrees(given: Any, stored: Any) -> bool:
@@ -124,34 +118,8 @@ class ImageDataModule(LabeledUnlabeledMixin, pl.LightningDataModule):
 
     def _load(self, train: bool) -> ImageTensors:
         hp = self.hparams
-        if hp.dataset == "fashion_mnist":
-            data = load_fashion_mnist(hp.data_dir, train, hp.download)
-        elif hp.dataset in TORCHVISION_DATASETS:
-            data = load_torchvision(hp.dataset, hp.data_dir, train, hp.download)
-        elif hp.dataset == "image_folder":
-            folder = hp.data_dir if train else hp.test_dir
-            if folder is None:
-                raise ConfigError("dataset image_folder has no test split: set data.test_dir to a folder of images")
-            data = load_image_folder(folder, hp.channels or 3, hp.image_size, hp.skip_corrupt)
-        else:
-            raise ConfigError(f"unknown dataset {hp.dataset!r}: choose one of {', '.join(DATASETS)}")
-        return self._conform(data if hp.classes is None else select_classes(data, hp.classes))
-
-    def _conform(self, data: ImageTensors) -> ImageTensors:
-        """Apply `channels` and `image_size` to a built-in dataset."""
-        hp = self.hparams
-        images = data.images
-        if hp.channels == 3 and images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1).contiguous()
-        elif hp.channels == 1 and images.shape[1] == 3:
-            weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-            images = (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
-        if hp.image_size is not None and images.shape[-1] != hp.image_size:
-            resized = torch.nn.functional.interpolate(
-                images.float(), size=(hp.image_size, hp.image_size), mode="bilinear", antialias=True
-            )
-            images = resized.round().clamp(0, 255).to(torch.uint8)
-        return ImageTensors(images, data.targets, data.classes, data.sources)
+        options = ("test_dir", "channels", "image_size", "classes", "download", "skip_corrupt")
+        return load_dataset(hp.dataset, hp.data_dir, train, **{name: hp[name] for name in options})
 
     def prepare_data(self) -> None:
         """Fetch a missing built-in dataset once per node, before `setup` runs on every rank."""

@@ -1,4 +1,4 @@
-"""Datasets held as compact uint8 tensors: Fashion-MNIST, torchvision datasets, image folders."""
+"""The dataset sources, each loaded as `ImageTensors`: Fashion-MNIST, torchvision datasets, image folders."""
 
 from __future__ import annotations
 
@@ -6,14 +6,13 @@ import gzip
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
+from lit_imgcls.data.tensors import ImageTensors, conform, select_classes
 from lit_imgcls.errors import ConfigError, DatasetNotFoundError, UserError
 
 log = logging.getLogger(__name__)
@@ -33,71 +32,6 @@ FASHION_MNIST_CLASSES = (
 )
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-@dataclass
-class ImageTensors:
-    """A whole split in memory: uint8 images (N, C, H, W), int64 targets (N,) or None when unlabeled."""
-
-    images: torch.Tensor
-    targets: torch.Tensor | None
-    classes: tuple[str, ...]
-    sources: list[str] | None = field(default=None)
-
-    def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
-            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
-        if self.targets is not None and len(self.targets) != len(self.images):
-            raise ValueError(f"{len(self.images)} images but {len(self.targets)} targets")
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def source(self, index: int) -> str:
-        """Where image `index` came from: its file path, or its index in the dataset."""
-        return self.sources[index] if self.sources is not None else str(index)
-
-
-def select_classes(data: ImageTensors, classes: Sequence[int]) -> ImageTensors:
-    """The images of `classes` only, relabelled 0..len(classes)-1 in the given order."""
-    if data.targets is None:
-        return data
-    if len(set(classes)) != len(classes) or not all(0 <= c < len(data.classes) for c in classes):
-        raise ConfigError(f"data.classes must be distinct class indices in 0..{len(data.classes) - 1}, got {classes}")
-    relabel = torch.full((len(data.classes),), -1, dtype=torch.long)
-    relabel[torch.as_tensor(list(classes))] = torch.arange(len(classes))
-    keep = (relabel[data.targets] >= 0).nonzero().flatten()
-    sources = [data.sources[i] for i in keep.tolist()] if data.sources is not None else None
-    names = tuple(data.classes[c] for c in classes)
-    return ImageTensors(data.images[keep], relabel[data.targets[keep]], names, sources)
-
-
-class TensorImageDataset(Dataset):
-    """Serves dict samples from `ImageTensors`; `__getitems__` fetches a whole batch with one index op."""
-
-    def __init__(self, data: ImageTensors, indices: torch.Tensor | None = None) -> None:
-        self.data = data
-        self.indices = torch.arange(len(data)) if indices is None else indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.__getitems__([i])
-
-    def __getitems__(self, batch: Sequence[int]) -> dict[str, torch.Tensor]:
-        index = self.indices[torch.as_tensor(batch, dtype=torch.long)]
-        sample = {"image": self.data.images[index], "index": index}
-        if self.data.targets is not None:
-            sample["target"] = self.data.targets[index]
-        return sample
-
-
-def collate_batch(batch: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Batches from `__getitems__` arrive whole; single samples (batch_size=None users) are concatenated."""
-    if isinstance(batch, dict):
-        return batch
-    return {key: torch.cat([sample[key] for sample in batch]) for key in batch[0]}
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -166,6 +100,7 @@ def _download_fashion_mnist(data_dir: Path) -> None:
 
 
 TORCHVISION_DATASETS = ("mnist", "cifar10", "cifar100")
+DATASETS = ("fashion_mnist", *TORCHVISION_DATASETS, "image_folder")
 
 
 def load_torchvision(name: str, data_dir: str | os.PathLike, train: bool, download: bool = True) -> ImageTensors:
@@ -281,3 +216,30 @@ def load_unlabeled_folder(
     if not kept:
         raise UserError(f"none of the {len(files)} images under {root} could be decoded")
     return ImageTensors(_stack(images, files, root), None, (), [str(files[i]) for i in kept])
+
+
+def load_dataset(
+    dataset: str,
+    data_dir: str | os.PathLike,
+    train: bool,
+    *,
+    test_dir: str | os.PathLike | None = None,
+    channels: int | None = None,
+    image_size: int | None = None,
+    classes: Sequence[int] | None = None,
+    download: bool = True,
+    skip_corrupt: bool = False,
+) -> ImageTensors:
+    """The train or test split of `dataset` (one of `DATASETS`), with `classes` kept, `channels` and `image_size`."""
+    if dataset == "fashion_mnist":
+        data = load_fashion_mnist(data_dir, train, download)
+    elif dataset in TORCHVISION_DATASETS:
+        data = load_torchvision(dataset, data_dir, train, download)
+    elif dataset == "image_folder":
+        folder = data_dir if train else test_dir
+        if folder is None:
+            raise ConfigError("dataset image_folder has no test split: set data.test_dir to a folder of images")
+        data = load_image_folder(folder, channels or 3, image_size, skip_corrupt)
+    else:
+        raise ConfigError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
+    return conform(data if classes is None else select_classes(data, classes), channels, image_size)

@@ -25,7 +25,7 @@ from typing import Any, Literal, Protocol, get_args
 import torch
 from torch.utils.data import DataLoader
 
-from lit_imgcls.data.datasets import ImageTensors
+from lit_imgcls.data.tensors import ImageTensors
 from lit_imgcls.errors import ConfigError
 
 TrainData = Literal["labeled", "unlabeled", "combined"]

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
-from lit_imgcls.data.datasets import ImageTensors, TensorImageDataset, load_unlabeled_folder
+from lit_imgcls.data.datasets import load_unlabeled_folder
+from lit_imgcls.data.tensors import ImageTensors, TensorImageDataset
 from lit_imgcls.errors import ConfigError
 
 UNKNOWN_TARGET = -1  # `unlabeled_true_targets` of images whose label nobody knows (an unlabeled folder)
