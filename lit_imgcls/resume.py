@@ -1,15 +1,17 @@
 """Exact resume from any step: what a Lightning checkpoint lacks for a fit that continues bit-identically.
 
 Lightning saves weights, optimizer, schedulers and loop counters. `ExactResume` adds every RNG's state (python,
-numpy, torch, CUDA: Kornia and dropout draw from torch's), the training sampler's epoch seed and the number of
-batches served, and the task's torchmetrics states; it restores them when training starts, so a fit resumed from a
-mid-epoch checkpoint serves the rest of the same permutation with the same random draws. The training loader needs
-a `ResumableRandomSampler` (ImageDataModule's has one) and its own `generator`, so that creating a loader iterator
-does not draw from the global RNG.
+numpy, torch, CUDA: Kornia and dropout draw from torch's) and the task's torchmetrics states, of every rank, plus
+the training sampler's epoch seed and the number of batches served; it restores them when training starts, so a
+fit resumed from a mid-epoch checkpoint serves the rest of the same permutation with the same random draws. The
+training loader needs the sampler of `train_sampler` (ImageDataModule's has it) and its own `generator`, so that
+creating a loader iterator does not draw from the global RNG.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -20,7 +22,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
+from torch.utils.data.distributed import DistributedSampler
 from torchmetrics import Metric
 
 RESUME_KEY = "lit_imgcls_resume"
@@ -48,6 +51,41 @@ class ResumableRandomSampler(RandomSampler):
         generator = torch.Generator()
         generator.manual_seed(self.seed)
         yield from torch.randperm(len(self.data_source), generator=generator).tolist()[start:]
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """The sampler Lightning gives a training loader under DDP (a permutation of seed + epoch, cut into equal padded
+    shards) that can start its next epoch at index `start` of this rank's shard (`resume_at`)."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self._start = 0
+
+    def resume_at(self, start: int) -> None:
+        self._start = start
+
+    def __iter__(self) -> Iterator[int]:
+        start, self._start = self._start, 0
+        return itertools.islice(super().__iter__(), start, None)
+
+
+def train_sampler(dataset: Dataset, trainer: pl.Trainer | None) -> Sampler:
+    """A training loader's sampler: `ResumableRandomSampler` in one process; with several ranks the
+    `ResumableDistributedSampler` equal to the DistributedSampler Lightning would put in its place."""
+    kwargs = getattr(trainer, "distributed_sampler_kwargs", None) or {}
+    replace = getattr(getattr(trainer, "_accelerator_connector", None), "use_distributed_sampler", True)
+    if kwargs.get("num_replicas", 1) > 1 and replace:
+        return ResumableDistributedSampler(dataset, seed=int(os.getenv("PL_GLOBAL_SEED", 0)), **kwargs)
+    return ResumableRandomSampler(dataset)
+
+
+def gather_objects(trainer: pl.Trainer, value: Any) -> list[Any]:
+    """`value` of every rank, indexed by global rank (all ranks must call it, as they all save checkpoints)."""
+    if trainer.world_size == 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    values: list[Any] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(values, value)
+    return values
 
 
 def rng_states() -> dict[str, Any]:
@@ -107,8 +145,8 @@ def set_metric_states(module: torch.nn.Module, states: dict[str, tuple[dict[str,
 
 
 class ExactResume(Callback):
-    """Saves RNG states, the sampler's epoch seed and position and the metric states into every checkpoint, and
-    restores them when a resumed fit starts training (see the module docstring)."""
+    """Saves every rank's RNG and metric states, the sampler's epoch seed and the batches served into every
+    checkpoint, and restores them when a resumed fit starts training (see the module docstring)."""
 
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None
@@ -118,10 +156,9 @@ class ExactResume(Callback):
             return
         samplers = [dl.sampler for dl in train_loaders(trainer)]
         checkpoint[RESUME_KEY] = {
-            "rng": rng_states(),
+            "ranks": gather_objects(trainer, {"rng": rng_states(), "metrics": metric_states(pl_module)}),
             "batches": trainer.fit_loop.epoch_loop.batch_progress.current.ready,
             "seeds": [s.seed if isinstance(s, ResumableRandomSampler) else None for s in samplers],
-            "metrics": metric_states(pl_module),
         }
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
@@ -131,17 +168,23 @@ class ExactResume(Callback):
         state, self._pending = self._pending, None
         if state is None:
             return
-        set_rng_states(state["rng"])
+        ranks = state.get("ranks", [state])  # checkpoints before per-rank states held rank 0's only
+        same_ranks = len(ranks) == trainer.world_size
+        mine = ranks[trainer.global_rank if same_ranks else 0]
+        set_rng_states(mine["rng"])
         batches = state["batches"]
         if not 0 < batches < trainer.num_training_batches:
             return  # saved at an epoch's end: the next epoch starts afresh
         loaders = train_loaders(trainer)
-        resumable = len(loaders) == 1 and isinstance(loaders[0].sampler, ResumableRandomSampler)
-        if not resumable or state["seeds"][0] is None or loaders[0].num_workers > 0:
+        sampler = loaders[0].sampler if len(loaders) == 1 and loaders[0].num_workers == 0 else None
+        if isinstance(sampler, ResumableRandomSampler) and state["seeds"][0] is not None and same_ranks:
+            sampler.resume_at(state["seeds"][0], batches * loaders[0].batch_size)
+        elif isinstance(sampler, ResumableDistributedSampler) and same_ranks:
+            sampler.resume_at(batches * loaders[0].batch_size)
+        else:
             rank_zero_warn(
                 "resuming mid-epoch: the rest of the epoch is served in a new order (exact replay needs one training "
-                "loader with a ResumableRandomSampler, num_workers=0 and one process)"
+                "loader with the sampler of lit_imgcls.resume.train_sampler, num_workers=0 and the same world size)"
             )
             return
-        loaders[0].sampler.resume_at(state["seeds"][0], batches * loaders[0].batch_size)
-        set_metric_states(pl_module, state["metrics"])
+        set_metric_states(pl_module, mine["metrics"])

@@ -124,7 +124,9 @@ def run_fit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     cwd.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "lit_imgcls", "fit", *args]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(  # its own session: a helper may kill the whole group (every DDP rank)
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, start_new_session=True
+    )
 
 
 def epoch_metrics(metrics_csv: Path) -> dict[tuple[str, str], str]:
@@ -151,16 +153,40 @@ def test_sigkill_mid_epoch_resume_ends_bit_identical(tmp_path):
     resumed = run_fit(*args, "--resume=auto", cwd=tmp_path / "killed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
-    whole_dir = tmp_path / "whole" / "runs" / "fashion_mnist_lenet5" / "version_0"
-    expected, got = (read_checkpoint(d / "checkpoints" / "last.ckpt") for d in (whole_dir, run_dir))
-    assert got["global_step"] == expected["global_step"] == 62
+    assert_same_end(tmp_path / "whole" / "runs" / "fashion_mnist_lenet5" / "version_0", run_dir, steps=62)
+
+
+def assert_same_end(expected_dir: Path, got_dir: Path, steps: int) -> None:
+    """The two runs' last checkpoints hold the same step, weights and momentum, and their metrics.csv the same
+    epoch metrics, bit for bit."""
+    expected, got = (read_checkpoint(d / "checkpoints" / "last.ckpt") for d in (expected_dir, got_dir))
+    assert got["global_step"] == expected["global_step"] == steps
     assert expected["state_dict"].keys() == got["state_dict"].keys()
     for name, tensor in expected["state_dict"].items():
         assert torch.equal(tensor, got["state_dict"][name]), name
     momentum = [[s["momentum_buffer"] for s in c["optimizer_states"][0]["state"].values()] for c in (expected, got)]
     assert len(momentum[0]) == len(momentum[1]) > 0
     assert all(torch.equal(a, b) for a, b in zip(*momentum, strict=True))
-    assert epoch_metrics(run_dir / "metrics.csv") == epoch_metrics(whole_dir / "metrics.csv")
+    assert epoch_metrics(got_dir / "metrics.csv") == epoch_metrics(expected_dir / "metrics.csv")
+
+
+@needs_fashion_mnist
+@pytest.mark.slow
+def test_ddp_sigkill_mid_epoch_resume_ends_bit_identical(tmp_path):
+    """2 ranks (gloo): each rank's RNG and metric states and the distributed sampler's position are restored."""
+    ddp = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+    args = ["--config", CONFIG, *TINY_FIT, *ddp, "--trainer.max_epochs=2", "--preemption.every_n_train_steps=5"]
+    whole = run_fit(*args, cwd=tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    kill = ["--trainer.callbacks+=tests.reliability_helpers.SignalAtStep", "--trainer.callbacks.step=23"]
+    killed = run_fit(*args, "--resume=auto", *kill, "--trainer.callbacks.group=true", cwd=tmp_path / "killed")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    run_dir = tmp_path / "killed" / "runs" / "fashion_mnist_lenet5" / "version_0"
+    assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 20  # epoch 1, batch 5 of 15
+    resumed = run_fit(*args, "--resume=auto", cwd=tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "new order" not in resumed.stderr
+    assert_same_end(tmp_path / "whole" / "runs" / "fashion_mnist_lenet5" / "version_0", run_dir, steps=30)
 
 
 def free_port() -> int:

@@ -22,7 +22,7 @@ from lit_imgcls.data.protocol import DataRequest, data_request
 from lit_imgcls.data.semi import LabeledUnlabeledMixin, check_split_options, class_balanced_split, train_val_split
 from lit_imgcls.data.tensors import ImageTensors, TensorImageDataset, collate_batch
 from lit_imgcls.errors import ConfigError
-from lit_imgcls.resume import ResumableRandomSampler
+from lit_imgcls.resume import train_sampler
 
 
 def _agrees(given: Any, stored: Any) -> bool:
@@ -229,7 +229,7 @@ class ImageDataModule(LabeledUnlabeledMixin, pl.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=ResumableRandomSampler(dataset) if train else None,  # exact mid-epoch resume (lit_imgcls.resume)
+            sampler=train_sampler(dataset, self.trainer) if train else None,  # exact mid-epoch resume
             generator=torch.Generator() if train else None,  # its iterators leave the global RNG alone
             drop_last=train and len(dataset) > batch_size,
             num_workers=hp.num_workers,
