@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import signal
 import sys
@@ -25,6 +26,7 @@ from lit_imgcls.checkpoint_io import read_checkpoint
 from lit_imgcls.checks import InputSizeCheck, check_learning_rates, check_writable, compare_with_checkpoint
 from lit_imgcls.commands import COMMANDS, run_command
 from lit_imgcls.data import ImageDataModule
+from lit_imgcls.data.preview import preview_rows, save_grid
 from lit_imgcls.errors import ConfigError, UserError
 from lit_imgcls.models.weights import CLASSES_KEY, DATA_KEY
 from lit_imgcls.preemption import (
@@ -192,6 +194,18 @@ CLI_OPTIONS: dict[str, Any] = dict(
 )
 
 
+class DataOnlyCLI(LitImgClsCLI):
+    """Parses exactly as `lit-imgcls` does, but builds only the datamodule: no network (no weights to fetch), no
+    Trainer, no run folder."""
+
+    def instantiate_classes(self) -> None:
+        config = self.config.clone()
+        config.model = None
+        self.config_init = self.parser.instantiate_classes(config)
+        self.datamodule = self._get(self.config_init, "data")
+        self.model = self.trainer = None
+
+
 def build_cli(args: Sequence[str] | None, run: bool = False, **kwargs: Any) -> LitImgClsCLI:
     """The one route from a config to objects: the `lit-imgcls` CLI for `args` (a subcommand first when `run`;
     None: the process's command line).
@@ -204,8 +218,9 @@ def build_cli(args: Sequence[str] | None, run: bool = False, **kwargs: Any) -> L
     args = None if args is None else list(args)
     if run:
         return LitImgClsCLI(**CLI_OPTIONS, run=True, args=args, **kwargs)
+    cli_class = kwargs.pop("cli_class", LitImgClsCLI)
     with mock.patch.object(sys, "argv", sys.argv[:1]):
-        return LitImgClsCLI(**CLI_OPTIONS, run=False, args=args, **kwargs)
+        return cli_class(**CLI_OPTIONS, run=False, args=args, **kwargs)
 
 
 class Experiment(NamedTuple):
@@ -235,6 +250,23 @@ def instantiate_from_config(config: str | Path, overrides: Mapping[str, Any] | S
             raise
         raise user_error from None
     return Experiment(cli.model, cli.datamodule, cli.trainer)
+
+
+def preview(args: Sequence[str]) -> Path:
+    """`lit-imgcls preview --config CONFIG [--out PNG] [--n N] [--seed S] [--scale K] [data options]`: the config's
+    training augmentation as a PNG grid (lit_imgcls.data.preview), its data built by the same parser as `fit`."""
+    parser = argparse.ArgumentParser(prog="lit-imgcls preview", description=preview.__doc__)
+    parser.add_argument("--out", default="augment_preview.png", help="PNG to write")
+    parser.add_argument("--n", type=int, default=8, help="images per row")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=int, default=3, help="enlargement factor")
+    options, config_args = parser.parse_known_args(list(args))
+    cli = build_cli(config_args, cli_class=DataOnlyCLI, parser_kwargs={"exit_on_error": False})
+    pl.seed_everything(options.seed, verbose=False)
+    out = Path(options.out)
+    save_grid(preview_rows(cli.datamodule, options.n), options.n, out, options.scale)
+    print(f"wrote {out}: rows = original, augmented, CutMix, MixUp")
+    return out
 
 
 def _user_error(err: BaseException) -> UserError | None:
@@ -270,6 +302,8 @@ def main(args: ArgsType = None) -> None:
     argv = sys.argv[1:] if args is None else list(args) if isinstance(args, list | tuple) else []
     if argv and argv[0] in COMMANDS:
         exit_on_user_error(lambda: run_command(argv))
+    elif argv and argv[0] == "preview":
+        exit_on_user_error(lambda: preview(argv[1:]))
     elif args is None or isinstance(args, list | tuple):
         exit_on_user_error(lambda: build_cli(args, run=True))
     else:  # a dict or Namespace of options, as LightningCLI takes them

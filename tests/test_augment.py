@@ -228,13 +228,17 @@ def test_weak_and_strong_views():
 
 
 @needs_fashion_mnist
-def test_preview_writes_a_png_grid(tmp_path):
-    from lit_imgcls.data.preview import main
+def test_preview_writes_a_png_grid_through_the_cli_parser(tmp_path, capsys):
+    from lit_imgcls.cli import main
 
     out = tmp_path / "grid.png"
-    main(["--config", STRONG, "--out", str(out), "--n", "6"])
+    main(["preview", "--config", STRONG, "--out", str(out), "--n", "6", "--scale", "1", "--data.image_size=32"])
     grid = cv2.imread(str(out))
-    assert grid is not None and grid.shape[0] > 4 * 28 and grid.shape[1] > 6 * 28
+    assert grid.shape == (4 * 32 + 5 * 2, 6 * 32 + 7 * 2, 3)  # 4 rows of 6 images of the overridden size
+    assert f"wrote {out}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        main(["preview", "--config", STRONG, "--data.cutmix_alpha=-1"])
+    assert stop.value.code == 2 and "cutmix_alpha" in capsys.readouterr().err
 
 
 @needs_cuda

@@ -1,35 +1,22 @@
-"""Preview a config's training augmentation as a PNG grid: what the model will see.
+"""Preview a config's training augmentation as a PNG grid: what the model will see (`lit-imgcls preview`).
 
 Rows: N training images as loaded, the same images through the training pipeline, then CutMix and MixUp of the
 augmented images (the config's alphas, or 1.0 where the config leaves them off).
 
-    python -m lit_imgcls.data.preview --config configs/fashion_mnist/strong.yaml --out grid.png [--n 8]
+    lit-imgcls preview --config configs/fashion_mnist/strong.yaml --out grid.png [--n 8] [--data.cutmix_alpha=0.5]
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import cv2
-import lightning.pytorch as pl
 import torch
-import yaml
-from jsonargparse import ArgumentParser
 from torchvision.utils import make_grid
 
 from lit_imgcls.data.augment import to_float
 from lit_imgcls.data.datamodule import ImageDataModule
 from lit_imgcls.data.mix import BatchMix
-
-
-def datamodule_from_config(path: str) -> ImageDataModule:
-    """The `data:` section of a LightningCLI config, instantiated (Kornia ops in `augment_ops` included)."""
-    with open(path) as f:
-        data = (yaml.safe_load(f) or {}).get("data") or {}
-    parser = ArgumentParser()
-    parser.add_class_arguments(ImageDataModule, "data")
-    return parser.instantiate(parser.parse_object({"data": data})).data
 
 
 def preview_rows(dm: ImageDataModule, n: int) -> torch.Tensor:
@@ -52,21 +39,3 @@ def save_grid(rows: torch.Tensor, n: int, out: Path, scale: int = 3) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(out), cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)):
         raise OSError(f"could not write {out}")
-
-
-def main(args: list[str] | None = None) -> None:
-    """Command line: --config, --out, --n, --seed, --scale."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a LightningCLI YAML config with a data: section")
-    parser.add_argument("--out", default="augment_preview.png", help="PNG to write")
-    parser.add_argument("--n", type=int, default=8, help="images per row")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scale", type=int, default=3, help="enlargement factor")
-    opts = parser.parse_args(args)
-    pl.seed_everything(opts.seed, verbose=False)
-    save_grid(preview_rows(datamodule_from_config(opts.config), opts.n), opts.n, Path(opts.out), opts.scale)
-    print(f"wrote {opts.out}: rows = original, augmented, CutMix, MixUp")
-
-
-if __name__ == "__main__":
-    main()
