@@ -4,19 +4,21 @@ student alone is the config's student without the teacher).
 
 The teacher is trained once by its documented config (writes checkpoints/fashion_mnist_fast_resnet_teacher.ckpt):
 
-    lit-imgcls fit --config configs/distill/teacher_fast_resnet.yaml --test_after_fit=true
+    lit-imgcls fit --config configs/fashion_mnist/fast_resnet.yaml --config configs/distill/teacher_fast_resnet.yaml
     python benchmarks/distill_fashion_mnist.py [--seeds 0 1 2] [--workers 2] [-- --model.init_args.alpha=0.5 ...]
 
 Options after `--` override the config for both runs (data, trainer) or for the distilled run (model.init_args.*
 distillation options). Each run uses one CPU thread; `--workers` runs that many at once. Finished runs are appended
-to `--results` (JSON lines) and reused when the script is started again with the same settings. Prints every run's
-test accuracy (last epoch), then one JSON line: teacher, student_alone and distilled (means over seeds, with std
+to `--results` (JSON lines) and reused by any later call whose run resolves to the same setting (`setting_sha1`:
+the task's options, the student's alone, data options, optimizer, epochs), whatever the config's text. Prints every
+run's test accuracy (last epoch), then one JSON line: teacher, student_alone and distilled (means over seeds, with std
 and per-seed lists), gain, gap_recovered = (distilled - alone) / (teacher - alone), seeds, epochs, settings.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import statistics
@@ -74,6 +76,29 @@ def run(kind: str, seed: int, config: str, overrides: list[str]) -> tuple[float,
     return test_accuracy(model, datamodule), time.perf_counter() - start
 
 
+def describe_factory(factory: Any) -> Any:
+    """An optimizer/scheduler factory as plain data: its class and keyword arguments (no memory addresses)."""
+    if isinstance(factory, functools.partial):
+        return [repr(factory.args[-1]) if factory.args else repr(factory.func), factory.keywords]
+    return None if factory is None else repr(factory)
+
+
+def setting_sha1(
+    distiller: pl.LightningModule, datamodule: pl.LightningDataModule, trainer: pl.Trainer, kind: str
+) -> str:
+    """What a run of `kind` depends on, hashed: the task's options (the student's alone for `alone`), the data
+    options, the optimizer and scheduler, the epochs. Config comments or layout do not change it."""
+    model = student_hparams(distiller.hparams) if kind == "alone" else dict(distiller.hparams)
+    setting = {
+        "model": model,
+        "data": dict(datamodule.hparams),
+        "optimizer": describe_factory(distiller.optimizer_factory),
+        "scheduler": describe_factory(distiller.scheduler_factory),
+        "epochs": trainer.max_epochs,
+    }
+    return hashlib.sha1(json.dumps(setting, sort_keys=True, default=repr).encode()).hexdigest()[:12]
+
+
 def summary(values: list[float]) -> dict[str, Any]:
     return {"mean": round(statistics.mean(values), 4), "std": round(statistics.pstdev(values), 4)}
 
@@ -93,7 +118,6 @@ def main() -> None:
     hp = model.hparams
     setting = {
         "config": Path(args.config).name,
-        "config_sha1": hashlib.sha1(Path(args.config).read_bytes()).hexdigest()[:12],  # a cached run fits this text
         "epochs": trainer.max_epochs,
         "temperature": hp.temperature,
         "alpha": hp.alpha,
@@ -107,12 +131,15 @@ def main() -> None:
     teacher = test_accuracy(load_task(teacher_path), datamodule)
     print(f"teacher {teacher_path}: test acc {teacher:.4f}", flush=True)
     jobs = [(kind, seed) for seed in args.seeds for kind in ("alone", "distilled")]
-    keys = {job: {**setting, "kind": job[0], "seed": job[1]} for job in jobs}
-    for job in jobs:  # the student alone does not depend on the distillation options: reuse it across them
-        if job[0] == "alone":
-            keys[job] = {k: v for k, v in keys[job].items() if k not in DISTILL_OPTIONS}
-            keys[job]["overrides"] = [o for o in args.overrides if not o.startswith(DISTILL_OVERRIDES)]
-    found = {job: next((r for r in done if all(r.get(k) == v for k, v in keys[job].items())), None) for job in jobs}
+    keys = {}
+    for kind, seed in jobs:  # the student alone does not depend on the distillation options: reuse it across them
+        info = setting if kind == "distilled" else {k: v for k, v in setting.items() if k not in DISTILL_OPTIONS}
+        if kind == "alone":
+            info = {**info, "overrides": [o for o in args.overrides if not o.startswith(DISTILL_OVERRIDES)]}
+        digest = setting_sha1(model, datamodule, trainer, kind)
+        keys[kind, seed] = {**info, "setting_sha1": digest, "kind": kind, "seed": seed}
+    match = ("setting_sha1", "kind", "seed")
+    found = {job: next((r for r in done if all(r.get(k) == keys[job][k] for k in match)), None) for job in jobs}
     todo = [job for job in jobs if found[job] is None]
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         futures = {job: pool.submit(run, *job, args.config, args.overrides) for job in todo}
