@@ -31,7 +31,7 @@ class KNNMonitor(pl.Callback):
     rank searches its own queries and the counts are gathered, each image counted once (no sampler padding).
 
     Cost: the bank pass (bank_size forwards) plus the search (validation images x bank_size products); see the
-    README's k-NN section for the measured share of a LeNet-5 epoch and the trade-off of `bank_size`.
+    KNNMonitor section of docs/knn.md for the measured share of a LeNet-5 epoch and the trade-off of `bank_size`.
 
     Args:
         every_n_epochs: evaluate after every N-th validation.
