@@ -141,7 +141,7 @@ def test_config_instantiates(tmp_path):
     model, datamodule, trainer = instantiate_from_config(CONFIG, overrides)
     assert type(model) is FixMatch
     assert (model.threshold, model.unlabeled_weight, model.temperature, model.label_smoothing) == (0.95, 1.0, 1.0, 0)
-    assert model.hparams.model == "fast_resnet" and model.channels_last
+    assert model.hparams.model == "lenet5" and model.channels_last
     data = datamodule.hparams
     assert (data.labels_per_class, data.val_size, data.unlabeled_batch_ratio) == (100, 1000, 7)
     assert (datamodule.options.weak_augment, datamodule.options.strong_augment) == ("basic", "strong")
@@ -153,7 +153,7 @@ def test_config_instantiates(tmp_path):
 def test_ddp_validation_matches_one_process(tmp_path):
     """A 2-rank fit of the shipped config (LeNet-5, tiny data, its EMA callback included): its val/acc is that of its
     checkpoint validated in one process, up to the one image DistributedSampler repeats."""
-    tiny = [*TINY_DATA, "--model.init_args.model=lenet5", "--trainer.max_epochs=1", "--trainer.limit_train_batches=4"]
+    tiny = [*TINY_DATA, "--trainer.max_epochs=1", "--trainer.limit_train_batches=4"]
     ddp = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
     fit = run_cli("fit", "--config", CONFIG, *tiny, *ddp, *QUIET, cwd=tmp_path / "ddp")
     assert fit.returncode == 0, fit.stderr[-3000:]
