@@ -37,7 +37,7 @@ from lit_imgcls.tasks.distill import student_hparams
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "distill" / "labeled.yaml"
-DISTILL_OPTIONS = ("temperature", "alpha", "view", "teacher_precision")
+DISTILL_OPTIONS = ("temperature", "alpha", "view", "teacher_precision")  # the student alone does not depend on them
 DISTILL_OVERRIDES = tuple(
     f"--model.init_args.{name}"
     for name in ("teacher", "temperature", "alpha", "teacher_view", "teacher_precision", "unlabeled_weight")
@@ -123,6 +123,7 @@ def main() -> None:
         "alpha": hp.alpha,
         "view": hp.teacher_view,
         "teacher_precision": hp.teacher_precision,
+        "mix": datamodule.options.mixes,
         "overrides": args.overrides,
     }
     results_file = Path(args.results)

@@ -47,8 +47,9 @@ def distill(record: dict[str, Any], ax: plt.Axes) -> str:
     """Student alone and distilled, side by side for each stored setting, against the teacher's line."""
     lines = ["| setting | student alone | distilled | gain | every distilled > every alone |", "|---|---|---|---|---|"]
     for i, row in enumerate(record["rows"]):
-        mixed = any("cutmix" in o for o in row["overrides"])
-        name = f"T={row['temperature']:g}, alpha={row['alpha']:g}, {'CutMix/MixUp' if mixed else 'flip only'}"
+        mixed = row["mix"] if "mix" in row else any("cutmix" in o for o in row["overrides"])
+        view = "CutMix/MixUp" if mixed else "flip only"
+        name = f"{view}, T={row['temperature']:g}, alpha={row['alpha']:g}, {row['epochs']} epochs"
         for j, (kind, runs) in enumerate((("alone", row["alone_runs"]), ("distilled", row["distilled_runs"]))):
             x = i * 3 + j
             mean = row["student_alone" if kind == "alone" else "distilled"]
