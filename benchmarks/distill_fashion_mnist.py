@@ -132,13 +132,14 @@ def main() -> None:
     teacher = test_accuracy(load_task(teacher_path), datamodule)
     print(f"teacher {teacher_path}: test acc {teacher:.4f}", flush=True)
     jobs = [(kind, seed) for seed in args.seeds for kind in ("alone", "distilled")]
-    keys = {}
-    for kind, seed in jobs:  # the student alone does not depend on the distillation options: reuse it across them
-        info = setting if kind == "distilled" else {k: v for k, v in setting.items() if k not in DISTILL_OPTIONS}
-        if kind == "alone":
-            info = {**info, "overrides": [o for o in args.overrides if not o.startswith(DISTILL_OVERRIDES)]}
-        digest = setting_sha1(model, datamodule, trainer, kind)
-        keys[kind, seed] = {**info, "setting_sha1": digest, "kind": kind, "seed": seed}
+    # the student alone does not depend on the distillation options: its runs are reused across them
+    alone = {k: v for k, v in setting.items() if k not in DISTILL_OPTIONS}
+    alone["overrides"] = [o for o in args.overrides if not o.startswith(DISTILL_OVERRIDES)]
+    info = {"alone": alone, "distilled": setting}
+    digests = {kind: setting_sha1(model, datamodule, trainer, kind) for kind in info}
+    keys = {
+        (kind, seed): {**info[kind], "setting_sha1": digests[kind], "kind": kind, "seed": seed} for kind, seed in jobs
+    }
     match = ("setting_sha1", "kind", "seed")
     found = {job: next((r for r in done if all(r.get(k) == keys[job][k] for k in match)), None) for job in jobs}
     todo = [job for job in jobs if found[job] is None]

@@ -48,8 +48,7 @@ def distill(record: dict[str, Any], ax: plt.Axes) -> str:
     lines = ["| setting | student alone | distilled | gain | every distilled > every alone |", "|---|---|---|---|---|"]
     ticks: list[tuple[float, str]] = []
     for i, row in enumerate(record["rows"]):
-        mixed = row["mix"] if "mix" in row else any("cutmix" in o for o in row["overrides"])
-        view = "CutMix/MixUp" if mixed else "flip only"
+        view = "CutMix/MixUp" if row["mix"] else "flip only"
         name = f"{view}, T={row['temperature']:g}, alpha={row['alpha']:g}, {row['epochs']} epochs"
         for j, (kind, runs) in enumerate((("alone", row["alone_runs"]), ("distilled", row["distilled_runs"]))):
             x = i * 3 + j

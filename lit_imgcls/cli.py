@@ -206,19 +206,21 @@ class DataOnlyCLI(LitImgClsCLI):
         self.model = self.trainer = None
 
 
-def build_cli(args: Sequence[str] | None, run: bool = False, **kwargs: Any) -> LitImgClsCLI:
+def build_cli(
+    args: Sequence[str] | None, run: bool = False, cli_class: type[LitImgClsCLI] = LitImgClsCLI, **kwargs: Any
+) -> LitImgClsCLI:
     """The one route from a config to objects: the `lit-imgcls` CLI for `args` (a subcommand first when `run`;
     None: the process's command line).
 
     `lit-imgcls`, `instantiate_from_config`, the noisy-student runner and the tests all build through here, so they
     share the parser, its defaults and its checks. Without `run`, the process's own `sys.argv` (pytest's, a Jupyter
     kernel's, a runner's options) is hidden while it parses; with `run` (the command line) it stays, because DDP's
-    launcher re-runs the command from it. `kwargs` go to `LightningCLI` (e.g. `parser_kwargs`).
+    launcher re-runs the command from it. `cli_class`: `DataOnlyCLI` builds the datamodule alone. `kwargs` go to
+    `LightningCLI` (e.g. `parser_kwargs`).
     """
     args = None if args is None else list(args)
     if run:
-        return LitImgClsCLI(**CLI_OPTIONS, run=True, args=args, **kwargs)
-    cli_class = kwargs.pop("cli_class", LitImgClsCLI)
+        return cli_class(**CLI_OPTIONS, run=True, args=args, **kwargs)
     with mock.patch.object(sys, "argv", sys.argv[:1]):
         return cli_class(**CLI_OPTIONS, run=False, args=args, **kwargs)
 
