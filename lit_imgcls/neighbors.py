@@ -33,22 +33,38 @@ PAIR_COST = 64  # a bounded pair beyond its product's flops (writing, comparing,
 PROBE_QUERIES = 128
 
 
-def fast_bf16_available(device: torch.device) -> bool:
-    """bf16 matrix products are faster than fp32 here: CUDA, or a CPU with AMX/AVX512-BF16 units."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
+PADDED_SLACK = 4  # per-row selections use a padded (rows, widest row) layout unless it exceeds this many times the list
 
 
 def _best_pairs(
     rows: torch.Tensor, cols: torch.Tensor, dist: torch.Tensor, n_rows: int, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the k best of a flat list of (row, col, dist) pairs (cols ascending within a row)."""
-    order = dist.sort(stable=True).indices
-    order = order[rows[order].sort(stable=True).indices]
-    starts = torch.bincount(rows, minlength=n_rows).cumsum(0) - torch.bincount(rows, minlength=n_rows)
-    take = order[(starts[:, None] + torch.arange(k, device=rows.device)).flatten()].view(n_rows, k)
-    return dist[take], cols[take]
+    """Per row, the k best of a flat list of (row, col, dist) pairs, grouped by row with cols ascending in a row.
+
+    Equal distances keep the lower col first. The selection runs on a padded (n_rows, widest row) layout, or, when
+    one row holds far more pairs than the others (many equal distances), on the flat list.
+    """
+    counts = torch.bincount(rows, minlength=n_rows)
+    width = int(counts.max()) if len(rows) else 0
+    if n_rows * width > PADDED_SLACK * (len(rows) + 1024):
+        order = dist.sort(stable=True).indices
+        order = order[rows[order].sort(stable=True).indices]
+        take = order[((counts.cumsum(0) - counts)[:, None] + torch.arange(k, device=rows.device)).flatten()]
+        return dist[take].view(n_rows, k), cols[take].view(n_rows, k)
+    at = torch.arange(len(rows), device=rows.device) - (counts.cumsum(0) - counts)[rows]
+    padded = dist.new_full((n_rows, width), float("inf")).index_put_((rows, at), dist)
+    best = padded.sort(dim=1, stable=True).indices[:, :k]
+    padded_cols = cols.new_zeros(n_rows, width).index_put_((rows, at), cols)
+    return padded.gather(1, best), padded_cols.gather(1, best)
+
+
+def _group_by_row(rows: torch.Tensor, cols: torch.Tensor, n_cols: int, *values: torch.Tensor) -> list[torch.Tensor]:
+    """rows, cols and values reordered by (row, col), unless they already are (one brute-force tile)."""
+    key = rows * n_cols + cols
+    if len(key) < 2 or bool((key[1:] > key[:-1]).all()):
+        return [rows, cols, *values]
+    order = key.argsort()
+    return [t[order] for t in (rows, cols, *values)]
 
 
 class KNNIndex:
@@ -58,8 +74,8 @@ class KNNIndex:
     `pruned` clusters the bank and rules out clusters, rows and pairs with `PRUNED_DIMS` principal components first;
     `auto` picks pruned only for a large, high-dimensional, not nearly isotropic bank where a probe of bank rows
     predicts it is cheaper.
-    `bf16` runs the brute-force product in bf16 (fast on CUDA and AMX/AVX512-BF16 CPUs) with a margin for its
-    rounding. Results never depend on the strategy.
+    `bf16` runs the brute-force product in bf16 with a margin for its rounding (loose: measured slower than fp32
+    overall, see `KNNClassifier`). Results never depend on the strategy or the precision.
     """
 
     def __init__(
@@ -125,11 +141,10 @@ class KNNIndex:
         rows, cols, low, high = self.bound.candidates(
             self._vectors(queries), k, PROBES if self.strategy == "pruned" else 1
         )
+        rows, cols, low, high = _group_by_row(rows, self.bound.order[cols], len(self), low, high)
         kth = _best_pairs(rows, cols, high, len(queries), k)[0][:, -1]  # k pairs are at most this far
         keep = low <= kth[rows]
-        rows, cols = rows[keep], self.bound.order[cols[keep]]
-        by_pair = (rows * len(self) + cols).argsort()
-        rows, cols = rows[by_pair], cols[by_pair]
+        rows, cols = rows[keep], cols[keep]
         return _best_pairs(rows, cols, self._exact(queries, rows, cols), len(queries), k)
 
     def _exact(self, queries: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 PCA_SAMPLE = 4096  # rows used to fit the centre and projection: any orthonormal projection gives a valid bound
@@ -150,17 +149,39 @@ def _squared_norms(x: torch.Tensor) -> torch.Tensor:
 class PairDistances:
     """Exact distances of (query row, bank row) pairs: float64 (squared Euclidean or 1 - cos), as brute force."""
 
-    PAIRS_PER_STEP = 2048
+    STEP_VALUES = 2**20  # float64 values per operand per step (8 MiB): few steps for low dimensions, bounded memory
+    PREPARED_VALUES = 2**22  # a bank of at most this many values is kept in float64 (32 MiB), cosine rows unit
 
     def __init__(self, bank: torch.Tensor, metric: str) -> None:
-        self.bank, self.metric = bank, metric
+        self.bank, self.cosine = bank, metric == "cosine"
+        self.step = max(256, self.STEP_VALUES // max(1, bank.shape[1]))
+        self.prepared = bank.numel() <= self.PREPARED_VALUES
+        if self.prepared:
+            self.bank = self._prepare(bank)
+        elif self.cosine:
+            self.bank_norms = torch.cat([_norms(part) for part in bank.split(self.step)])
+
+    def _prepare(self, rows: torch.Tensor) -> torch.Tensor:
+        """float64 rows, divided by their norms for cosine (as `F.cosine_similarity` does: the same rounding as the
+        brute-force reference, so that equal distances stay equal)."""
+        return rows.double() / _norms(rows)[:, None] if self.cosine else rows.double()
 
     def __call__(self, queries: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Distances (P,) between queries[rows] and bank[cols]."""
         out = torch.empty(len(rows), dtype=torch.float64, device=rows.device)
-        for start in range(0, len(rows), self.PAIRS_PER_STEP):
-            r, c = rows[start : start + self.PAIRS_PER_STEP], cols[start : start + self.PAIRS_PER_STEP]
-            q, b = queries.index_select(0, r).double(), self.bank.index_select(0, c).double()
-            d = (q - b).square_().sum(1) if self.metric == "euclidean" else 1 - F.cosine_similarity(q, b, eps=1e-12)
-            out[start : start + len(r)] = d
+        queries = self._prepare(queries)
+        for start in range(0, len(rows), self.step):
+            r, c = rows[start : start + self.step], cols[start : start + self.step]
+            q, b = queries.index_select(0, r), self.bank.index_select(0, c)
+            if not self.prepared:
+                b = b.double().div_(self.bank_norms[c, None]) if self.cosine else b.double()
+            if self.cosine:
+                out[start : start + len(r)] = b.mul_(q).sum(1).neg_().add_(1)
+            else:
+                out[start : start + len(r)] = q.sub_(b).square_().sum(1)
         return out
+
+
+def _norms(x: torch.Tensor) -> torch.Tensor:
+    """Row norms in float64, at least 1e-12 (a zero row has cosine 0 to everything: distance 1)."""
+    return torch.linalg.vector_norm(x.double(), dim=1).clamp_min(1e-12)

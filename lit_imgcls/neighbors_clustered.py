@@ -85,6 +85,8 @@ class ClusteredBounds:
             self.order = torch.arange(n, device=device)
             self.fine = LowerBound(vectors, None, dtype)
             self.fine.fold(BLOCK)
+            # per column block, the largest bank term of its real rows: upper bounds from block minima alone
+            self.block_terms = self.fine.bank_term.view(-1, BLOCK).nan_to_num(posinf=0.0).amax(1)
             # a bank of at most two tiles is one product: splitting it only loosens the first tile's threshold
             self.tile = cluster_size if n > 2 * cluster_size else len(self.fine.features)
             return
@@ -160,14 +162,13 @@ class ClusteredBounds:
         rows, cols, part = (torch.cat(x) for x in zip(*found, strict=True))
         self.pairs[2] += len(rows)
         low = part.double() + fine_offset[rows]
-        return rows, cols, low, self._margin(low, rows, cols, fine_offset)
+        return rows, cols, low, self._margin(low, fine_offset[rows], self.fine.bank_term[cols])
 
     def _dense_candidates(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
         """`candidates` of brute force: the bank in tiles of `tile` rows, one product each; the minima of each tile's
         `BLOCK`-column blocks are distinct pairs whose k smallest upper bounds so far give the threshold, and rule out
         most blocks before pairs are listed. Later tiles only lower the threshold (the caller drops what it keeps)."""
         fine_q, offset = self.fine.query_features(queries)
-        rows_of = torch.arange(len(queries), device=queries.device)[:, None]
         best = torch.full((len(queries), k), float("inf"), dtype=torch.float64, device=queries.device)
         found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for start in range(0, len(self.fine.features), self.tile):
@@ -176,14 +177,13 @@ class ClusteredBounds:
             blocks = part.view(-1, BLOCK)  # row i * n_blocks + b: block b of query i
             minima = blocks.amin(1).view(len(queries), -1)
             n_blocks = minima.shape[1]
-            if n_blocks >= k:
-                chosen = minima.topk(k, dim=1, largest=False).indices
-                first = rows_of * n_blocks
-                low, at = blocks.index_select(0, (first + chosen).flatten()).view(len(queries), k, BLOCK).min(2)
-                cols = chosen * BLOCK + at
+            if n_blocks >= k:  # the k smallest block minima: k distinct pairs, bounded with their block's largest term
+                low, chosen = minima.topk(k, dim=1, largest=False)
+                bank_term = self.block_terms[start // BLOCK + chosen]
             else:
                 low, cols = part.topk(min(k, part.shape[1]), dim=1, largest=False)
-            upper = self._margin(low.double() + offset[:, None], rows_of.expand_as(cols), cols + start, offset)
+                bank_term = self.fine.bank_term[cols + start]
+            upper = self._margin(low.double() + offset[:, None], offset[:, None], bank_term)
             best = torch.cat([best, upper], 1).topk(k, dim=1, largest=False).values
             limit = bound_limit(best[:, -1], offset, self.abs_margin)
             r, b = (minima <= limit[:, None]).nonzero(as_tuple=True)
@@ -193,7 +193,7 @@ class ClusteredBounds:
         rows, cols, part = (torch.cat(x) for x in zip(*found, strict=True))
         self.pairs[2] += len(rows)
         low = part.double() + offset[rows]
-        return rows, cols, low, self._margin(low, rows, cols, offset)
+        return rows, cols, low, self._margin(low, offset[rows], self.fine.bank_term[cols])
 
     def _groups(self, mask: torch.Tensor):
         """(cluster, queries) for every non-empty cluster with at least one query set in mask (Q, C)."""
@@ -207,10 +207,11 @@ class ClusteredBounds:
         """Upper bounds (len(qs), min(k, size)) of squared distances to distinct members of cluster j."""
         part, cols = part.topk(min(k, part.shape[1]), dim=1, largest=False)
         low = part.double() + offset[qs, None]
-        return self._margin(low, qs[:, None].expand_as(low), cols + self.starts[j], offset)
+        return self._margin(low, offset[qs, None], self.fine.bank_term[cols + self.starts[j]])
 
-    def _margin(self, low: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        """Upper bounds of the squared distances whose fine lower bounds are `low`."""
+    def _margin(self, low: torch.Tensor, query_term: torch.Tensor, bank_term: torch.Tensor) -> torch.Tensor:
+        """Upper bounds of the squared distances whose fine lower bounds are `low`, given the pairs' query and bank
+        terms (or larger ones)."""
         eta = self.fine.eta
-        norms = offset[rows] / (1 - eta) + self.fine.bank_term[cols].double() / (1 - eta)
+        norms = (query_term + bank_term.double()) / (1 - eta)
         return low + 3 * eta * (1 + 1e-6) * norms + 2 * self.abs_margin

@@ -11,7 +11,7 @@ from lit_imgcls import neighbors
 from lit_imgcls.data import ImageDataModule
 from lit_imgcls.errors import ConfigError, UserError
 from lit_imgcls.neighbors import KNNIndex, knn_search, knn_vote
-from lit_imgcls.neighbors_bounds import LowerBound, principal_axes
+from lit_imgcls.neighbors_bounds import LowerBound, PairDistances, principal_axes
 from lit_imgcls.neighbors_clustered import ClusteredBounds
 from lit_imgcls.tasks import ImageClassifier, KNNClassifier, KNNMonitor
 from lit_imgcls.tasks.knn import penultimate_features
@@ -151,6 +151,22 @@ def test_brute_tiles_and_column_blocks_are_exact(monkeypatch, kind, bf16, n_bank
         ref_dist, ref_idx = reference_search(queries, bank, 20, metric)
         torch.testing.assert_close(idx, ref_idx, rtol=0, atol=0)
         torch.testing.assert_close(dist, ref_dist, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("padded_slack", [0, 10**6])  # per-row selection on the flat list, or always padded
+@pytest.mark.parametrize("prepared_values", [0, 2**22])  # exact distances from the streamed bank, or a float64 copy
+def test_exact_stage_paths_are_exact(monkeypatch, padded_slack, prepared_values):
+    monkeypatch.setattr(neighbors, "PADDED_SLACK", padded_slack)
+    monkeypatch.setattr(PairDistances, "PREPARED_VALUES", prepared_values)
+    monkeypatch.setattr(PairDistances, "STEP_VALUES", 1)  # the fewest pairs per step (256): many steps
+    for kind in ("uniform", "ties"):
+        bank, queries = random_data(kind, 600, 50, 24)
+        for metric in ("euclidean", "cosine"):
+            for k in (1, 5, 20):
+                dist, idx = knn_search(queries, bank, k, metric, chunk_size=16, strategy="brute")
+                ref_dist, ref_idx = reference_search(queries, bank, k, metric)
+                torch.testing.assert_close(idx, ref_idx, rtol=0, atol=0)
+                torch.testing.assert_close(dist, ref_dist, rtol=1e-12, atol=1e-12)
 
 
 @needs_cuda
