@@ -24,7 +24,7 @@ import torch
 from sklearn.neighbors import NearestNeighbors
 
 from lit_imgcls.data.datasets import load_fashion_mnist
-from lit_imgcls.neighbors import KNNIndex, fast_bf16_available, knn_vote
+from lit_imgcls.neighbors import KNNIndex, knn_vote
 
 T = TypeVar("T")
 
@@ -111,11 +111,11 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=10000)
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--strategy", choices=["auto", "brute", "pruned"], default="auto")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--no-brute", action="store_true", help="skip timing strategy=brute for comparison")
     args = parser.parse_args()
     bank, bank_y, queries, query_y = load_bank(args.bank, args.queries)
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and fast_bf16_available(torch.device("cpu")))
+    bf16 = args.precision == "bf16"
 
     def ours_search(strategy: str) -> tuple[KNNIndex, float, torch.Tensor, torch.Tensor]:
         index, build_s = timed(lambda: KNNIndex(bank, "euclidean", bf16, strategy))

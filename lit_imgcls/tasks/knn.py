@@ -12,7 +12,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lit_imgcls.errors import ConfigError
-from lit_imgcls.neighbors import KNNIndex, Metric, Strategy, Weights, fast_bf16_available, knn_vote
+from lit_imgcls.neighbors import KNNIndex, Metric, Strategy, Weights, knn_vote
 from lit_imgcls.tasks.checkpoints import load_task_network
 
 Extractor = Callable[[torch.Tensor], torch.Tensor]
@@ -90,8 +90,9 @@ class KNNClassifier(pl.LightningModule):
         timm_model: model name for `features: timm`; `pretrained` loads timm's weights.
         bank_size: use only the first N training images as the bank (quick runs).
         chunk_size: queries per brute-force pass (bounds memory: chunk_size x 4096 scores per tile).
-        search_precision: `auto` (bf16 candidate search where bf16 is fast, else fp32), `fp32` or `bf16`;
-            candidates are always re-ranked exactly in float64.
+        search_precision: `fp32` or `bf16` bounds for the candidate search; candidates are always re-ranked
+            exactly in float64. bf16 products are cheaper on AMX CPUs and GPUs, but their rounding margin leaves
+            1-4% of the pairs to re-rank: 5x (84-d) and 13x (512-d) slower than fp32 on an AMX CPU (docs/knn.md).
         strategy: exact search `auto` (pruned: bank clustered and bounded by principal components, for a large
             high-dimensional bank where a probe predicts it pays; else brute force), `brute` or `pruned`; the
             neighbours are the same.
@@ -111,7 +112,7 @@ class KNNClassifier(pl.LightningModule):
         in_chans: int = 1,
         bank_size: int | None = None,
         chunk_size: int = 1024,
-        search_precision: Literal["auto", "fp32", "bf16"] = "auto",
+        search_precision: Literal["fp32", "bf16"] = "fp32",
         strategy: Strategy = "auto",
     ) -> None:
         super().__init__()
@@ -152,8 +153,7 @@ class KNNClassifier(pl.LightningModule):
             raise ConfigError(f"model.k={self.hparams.k} is larger than the reference bank ({len(indices)} images)")
         self.bank = gather_bank(self.extract, datamodule, indices, self)
         hp = self.hparams
-        bf16 = hp.search_precision == "bf16" or (hp.search_precision == "auto" and fast_bf16_available(self.device))
-        self.index = KNNIndex(self.bank[0], hp.metric, bf16, hp.strategy)
+        self.index = KNNIndex(self.bank[0], hp.metric, hp.search_precision == "bf16", hp.strategy)
 
     def on_validation_start(self) -> None:
         self.build_bank()
