@@ -37,8 +37,8 @@ class KNNMonitor(pl.Callback):
         every_n_epochs: evaluate after every N-th validation.
         k, metric, weights, temperature: as in `KNNClassifier` (defaults follow DINO: 20, cosine, T=0.07).
         bank_size: the first N training images form the bank (None: all). The cost grows with it (a LeNet-5 epoch on
-            Fashion-MNIST: about 5% at 5,000, twice that at 10,000), and so does the accuracy (about 1 point per
-            doubling); `every_n_epochs` divides the cost instead.
+            Fashion-MNIST: 4.3% at 4,096, 5.2% at 5,000), the accuracy slowly (the same within 0.1 point from 4,096
+            to 5,000; +0.9 point with all 55,000); `every_n_epochs` divides the cost instead.
         strategy: exact search strategy, as in `KNNClassifier`.
         batch_size: images per forward of the bank pass.
     """
@@ -50,7 +50,7 @@ class KNNMonitor(pl.Callback):
         metric: Metric = "cosine",
         weights: Weights = "temperature",
         temperature: float = 0.07,
-        bank_size: int | None = 5000,
+        bank_size: int | None = 4096,
         strategy: Strategy = "auto",
         batch_size: int = 512,
     ) -> None:
