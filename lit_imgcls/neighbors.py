@@ -45,13 +45,14 @@ def _best_pairs(
     one row holds far more pairs than the others (many equal distances), on the flat list.
     """
     counts = torch.bincount(rows, minlength=n_rows)
+    starts = counts.cumsum(0) - counts
     width = int(counts.max()) if len(rows) else 0
     if n_rows * width > PADDED_SLACK * (len(rows) + 1024):
         order = dist.sort(stable=True).indices
         order = order[rows[order].sort(stable=True).indices]
-        take = order[((counts.cumsum(0) - counts)[:, None] + torch.arange(k, device=rows.device)).flatten()]
+        take = order[(starts[:, None] + torch.arange(k, device=rows.device)).flatten()]
         return dist[take].view(n_rows, k), cols[take].view(n_rows, k)
-    at = torch.arange(len(rows), device=rows.device) - (counts.cumsum(0) - counts)[rows]
+    at = torch.arange(len(rows), device=rows.device) - starts[rows]
     padded = dist.new_full((n_rows, width), float("inf")).index_put_((rows, at), dist)
     best = padded.sort(dim=1, stable=True).indices[:, :k]
     padded_cols = cols.new_zeros(n_rows, width).index_put_((rows, at), cols)

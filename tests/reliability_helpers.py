@@ -17,4 +17,5 @@ class SignalAtStep(pl.Callback):
         if trainer.global_step == self.step:
             if self.group:
                 os.killpg(os.getpgrp(), self.signum)
-            os.kill(os.getpid(), self.signum)
+            else:
+                os.kill(os.getpid(), self.signum)

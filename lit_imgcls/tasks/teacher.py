@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -16,7 +16,7 @@ from lit_imgcls.tasks.base import strip_compile_prefix
 from lit_imgcls.tasks.checkpoints import load_task_network
 
 TeacherPrecision = Literal["32", "bf16", "auto"]
-TEACHER_PRECISIONS = ("32", "bf16", "auto")
+TEACHER_PRECISIONS: tuple[str, ...] = get_args(TeacherPrecision)
 
 
 def has_native_bf16(device: torch.device) -> bool:
